@@ -1,0 +1,5 @@
+import sys
+
+from gemma_qlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""Attach LoRA adapters with PEFT."""
+
+from __future__ import annotations
+
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import PreTrainedModel
+
+from gemma_qlora.errors import UserError
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    targets: list[str] | None = None,
+    gradient_checkpointing: bool = True,
+) -> PeftModel:
+    """Freeze the base, prepare a quantized one for training, and add LoRA to `targets`.
+
+    `prepare_model_for_kbit_training` is only for k-bit models: on a 16-bit model it would
+    upcast every weight to fp32. Gradient checkpointing for 16-bit is left to the trainer.
+    """
+    from gemma_qlora.config import LORA_TARGETS
+
+    targets = targets or LORA_TARGETS
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise UserError(f"LoRA targets {missing} are not modules of this model: choose from {sorted(p for p in present if p.endswith('proj'))}.")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def parameter_counts(model) -> dict[str, int | float]:
+    """Trainable vs total parameters (4-bit weights counted unpacked, as PEFT does)."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)}

@@ -1,0 +1,137 @@
+"""Load a text-only Gemma (Gemma 1, 2 or 3) with its tokenizer, quantized or not.
+
+The Hugging Face token comes from `HF_TOKEN` or Colab's secrets and is passed straight to
+`from_pretrained`; it is never printed, logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from gemma_qlora.errors import UserError
+from gemma_qlora.quant import Precision, make_bnb_config
+
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+
+
+def hf_token() -> str | None:
+    """The Hub token from the environment, else from Colab's secrets panel, else None."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    try:
+        from google.colab import userdata  # type: ignore[import-not-found]
+
+        return userdata.get("HF_TOKEN")
+    except Exception:  # not on Colab, or the secret is missing / not shared with this notebook
+        return None
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1) or Path(name).exists()
+
+
+def resolve_model(name: str) -> str:
+    """'embedded' -> the cached Gemma 3 270M folder; a path -> checked to exist; else a hub id."""
+    if name == "embedded":
+        from gemma_qlora.embedded import embedded_model_dir
+
+        return str(embedded_model_dir())
+    if looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise UserError(f"Model folder {name} does not exist: give a folder holding config.json, or a hub id like google/gemma-2b.")
+        return str(path)
+    return name
+
+
+def _explain_hub_error(name: str, error: Exception, token: str | None) -> UserError:
+    """Turn the hub's long tracebacks into one line that says what to do (without the token)."""
+    chain, e = [], error
+    while e is not None:
+        chain.append(type(e).__name__ + ": " + str(e))
+        e = e.__cause__ or e.__context__
+    text = " ".join(chain)
+    if token:
+        text = text.replace(token, "***")
+    if "GatedRepo" in text or "gated repo" in text.lower() or "403" in text:
+        if token:
+            return UserError(
+                f"{name} is gated and your token was refused: accept the licence at https://huggingface.co/{name} "
+                "with the account the HF_TOKEN belongs to, or use a token with read access."
+            )
+        return UserError(
+            f"{name} is gated: accept its licence at https://huggingface.co/{name}, then set HF_TOKEN "
+            "(environment variable, or Colab secrets with notebook access on)."
+        )
+    if "401" in text or "Invalid user token" in text or "Unauthorized" in text:
+        return UserError("The Hugging Face token in HF_TOKEN was rejected: create a new read token at https://huggingface.co/settings/tokens.")
+    if "RepositoryNotFound" in text or "404" in text or "not a valid model identifier" in text:
+        return UserError(f"No model named {name} on the Hub: check the spelling (e.g. google/gemma-2b), or give a local folder.")
+    if "offline" in text.lower() or "LocalEntryNotFound" in text or "connect" in text.lower():
+        return UserError(
+            f"Could not reach the Hub to fetch {name} and it is not cached: connect to the internet, "
+            "or use --model embedded (offline Gemma 3 270M) or a local folder."
+        )
+    return UserError(f"Could not load {name}: {chain[0]}")
+
+
+def load_config(name: str, token: str | None = None):
+    try:
+        config = AutoConfig.from_pretrained(name, token=token)
+    except (OSError, ValueError) as error:
+        raise _explain_hub_error(name, error, token) from None
+    model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3":
+        raise UserError(f"{name} is multimodal Gemma 3; this tool fine-tunes text-only Gemma (gemma-3-270m/1b, gemma-2b, gemma-2-2b...).")
+    if model_type not in GEMMA_TYPES:
+        raise UserError(f"{name} is a {model_type!r} model, not Gemma: choose a text-only Gemma checkpoint ({', '.join(GEMMA_TYPES)}).")
+    return config
+
+
+def default_attention(model_type: str, device: str) -> str:
+    """Eager on CPU (SDPA there misjudges Gemma 3 under quantization) and for Gemma 2 (attention
+    soft-capping, which SDPA lacks); SDPA elsewhere."""
+    return "eager" if device == "cpu" or model_type == "gemma2" else "sdpa"
+
+
+def load_model(
+    name: str,
+    bits: int,
+    precision: Precision,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    attn_implementation: str | None = None,
+    quant_storage: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `name` (hub id, folder or 'embedded') in `bits` with its tokenizer."""
+    path = resolve_model(name)
+    token = hf_token()
+    config = load_config(path, token)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, token=token)
+    except (OSError, ValueError) as error:
+        raise _explain_hub_error(name, error, token) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if precision.device == "cuda":
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    else:
+        device_map = {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            token=token,
+            dtype=precision.compute_dtype,
+            quantization_config=make_bnb_config(bits, precision.compute_dtype, quant_type, double_quant, quant_storage),
+            attn_implementation=attn_implementation or default_attention(config.model_type, precision.device),
+            device_map=device_map,
+        )
+    except OSError as error:
+        raise _explain_hub_error(name, error, token) from None
+    model.config.use_cache = False  # training; generation turns it back on per call
+    return model, tokenizer

@@ -1,0 +1,82 @@
+"""Quantization settings: which `BitsAndBytesConfig` and which dtypes for which hardware.
+
+Dtypes are decided in one place so that the model, the LoRA compute and the trainer's
+mixed precision always agree. (The seed notebooks' `fp16=True` on a bf16 model crashes at
+the first optimizer step with today's transformers/PEFT.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import BitsAndBytesConfig
+
+ALLOWED_BITS = (4, 8, 16)
+ALLOWED_QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes one run uses, chosen from the hardware."""
+
+    device: str  # "cuda" or "cpu"
+    compute_dtype: torch.dtype  # dtype of matmuls and of the non-quantized weights as loaded
+    bf16: bool  # trainer mixed precision flags
+    fp16: bool
+
+    @property
+    def name(self) -> str:
+        return str(self.compute_dtype).removeprefix("torch.")
+
+
+def detect_precision(device: str | None = None, force_fp16: bool = False) -> Precision:
+    """bf16 on GPUs that support it, fp16 on older GPUs (a T4, compute capability 7.5),
+    fp32 on CPU (exact, and bf16 matmuls are slow on most CPUs).
+
+    `force_fp16` emulates a T4 on a newer GPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return Precision("cpu", torch.float32, bf16=False, fp16=False)
+    if torch.cuda.is_bf16_supported(including_emulation=False) and not force_fp16:
+        return Precision("cuda", torch.bfloat16, bf16=True, fp16=False)
+    return Precision("cuda", torch.float16, bf16=False, fp16=True)
+
+
+def check_bits(bits: int) -> int:
+    if bits not in ALLOWED_BITS:
+        raise ValueError(
+            f"bits={bits!r} is not supported: choose 4 (NF4/FP4 QLoRA), 8 (LLM.int8) or 16 (no quantization)."
+        )
+    return bits
+
+
+def make_bnb_config(
+    bits: int,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    quant_storage: torch.dtype | None = None,
+) -> BitsAndBytesConfig | None:
+    """The `BitsAndBytesConfig` for `bits`: 4 -> NF4 (or FP4) with double quantization,
+    8 -> LLM.int8, 16 -> None (the unquantized reference arm).
+
+    `quant_storage` is the dtype the packed 4-bit weights are stored in; FSDP needs it to
+    match the float dtype of the rest of the model.
+    """
+    check_bits(bits)
+    if bits == 16:
+        return None
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant_type not in ALLOWED_QUANT_TYPES:
+        raise ValueError(f"quant_type={quant_type!r} is not supported: choose one of {ALLOWED_QUANT_TYPES}.")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
+    )

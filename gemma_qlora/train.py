@@ -1,0 +1,210 @@
+"""The fine-tuning recipe: load, attach LoRA, train with TRL's SFTTrainer, evaluate, save.
+
+`train(cfg)` runs one arm and writes its run folder:
+
+    <output_dir>/<run_name>/
+        metrics.json      settings, versions, GPU, memory by phase, losses, eval, speed
+        generations.json  the prompts' continuations before and after training
+        adapter/          the LoRA adapter (safetensors), reloadable onto a fresh base
+        checkpoints/      resumable Trainer checkpoints (with --save_steps)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from gemma_qlora.config import TrainConfig
+from gemma_qlora.data import PROMPTS, check_fits, load_quotes, to_text
+from gemma_qlora.errors import UserError
+from gemma_qlora.evaluate import generate
+from gemma_qlora.lora import attach_lora, parameter_counts
+from gemma_qlora.memory import GIB, MemoryRecorder
+from gemma_qlora.model import load_model
+from gemma_qlora.quant import Precision, detect_precision
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
+
+
+class StepTimer(TrainerCallback):
+    """Wall time and non-pad tokens seen at every optimizer step, for steady-state tokens/s."""
+
+    def __init__(self):
+        self.steps: list[tuple[int, float, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.steps.append((state.global_step, time.perf_counter(), int(state.num_input_tokens_seen)))
+
+    def tokens_per_second(self, warmup: int) -> float | None:
+        timed = [s for s in self.steps if s[0] > warmup]
+        if len(timed) < 2:
+            timed = self.steps
+        if len(timed) < 2:
+            return None
+        (_, t0, n0), (_, t1, n1) = timed[0], timed[-1]
+        return (n1 - n0) / (t1 - t0)
+
+
+def sft_config(cfg: TrainConfig, precision: Precision, output_dir: Path) -> SFTConfig:
+    """Map our settings onto TRL's, with dtypes that agree with how the model was loaded."""
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps,
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        dataset_text_field="text",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=cfg.optim or ("paged_adamw_8bit" if precision.device == "cuda" else "adamw_torch"),
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps or max(1, cfg.steps // 4),
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
+        include_num_input_tokens_seen="non_padding",
+        report_to=cfg.report_to,
+        use_cpu=precision.device == "cpu",
+    )
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"Cannot write to {run_dir} ({error.strerror}): choose another --output_dir.") from None
+    return run_dir
+
+
+def write_json(path: Path, data) -> None:
+    """Write-then-rename, so a crash never leaves a half-written file under the real name."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"Could not write {path} ({error.strerror}): free disk space or choose another --output_dir.") from None
+
+
+def save_adapter(model, path: Path) -> None:
+    """Save to a sibling folder, then swap it in: a failed save leaves the old adapter (or none)."""
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    except (OSError, RuntimeError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"Could not save the adapter to {path} ({error}): free disk space or choose another --output_dir.") from None
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def environment(precision: Precision) -> dict:
+    env = {"versions": {lib: version(lib) for lib in LIBRARIES}, "device": precision.device, "dtype": precision.name}
+    if precision.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    return env
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one arm end to end and return its metrics (also written to metrics.json)."""
+    precision = detect_precision(force_fp16=cfg.force_fp16)
+    if cfg.gpu_memory_gib and precision.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory / GIB
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_gib / total))
+    run_dir = prepare_run_dir(cfg)
+    set_seed(cfg.seed)
+    recorder = MemoryRecorder()
+    metrics: dict = {"run": cfg.name, "config": asdict(cfg), **environment(precision)}
+
+    quotes = load_quotes(cfg.data, cfg.quote_column, cfg.author_column, cfg.eval_size, cfg.max_train_examples)
+    t0 = time.perf_counter()
+    with recorder.phase("load"):
+        model, tokenizer = load_model(
+            cfg.model, cfg.bits, precision, cfg.quant_type, cfg.double_quant, cfg.attn_implementation
+        )
+    metrics["load_seconds"] = time.perf_counter() - t0
+    metrics["model_footprint_gib"] = model.get_memory_footprint() / GIB
+    metrics["model_type"] = model.config.model_type
+    train_text, eval_text = to_text(quotes["train"], tokenizer.eos_token), to_text(quotes["test"], tokenizer.eos_token)
+    check_fits(train_text, tokenizer, cfg.max_seq_length)
+    metrics["examples"] = {"train": len(train_text), "eval": len(eval_text)}
+
+    with recorder.phase("generate_before"):
+        before = generate(model, tokenizer, PROMPTS, cfg.max_new_tokens)
+
+    model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.gradient_checkpointing)
+    metrics["parameters"] = parameter_counts(model)
+    timer = StepTimer()
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(cfg, precision, run_dir / "checkpoints"),
+        train_dataset=train_text,
+        eval_dataset=eval_text,
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    with recorder.phase("eval_before"):
+        metrics["eval_before"] = trainer.evaluate()["eval_loss"]
+    t0 = time.perf_counter()
+    with recorder.phase("train"):
+        result = trainer.train(resume_from_checkpoint=cfg.resume or None)
+    metrics["train_seconds"] = time.perf_counter() - t0
+    with recorder.phase("eval_after"):
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    metrics["perplexity"] = math.exp(metrics["eval_loss"])
+    metrics["perplexity_before"] = math.exp(metrics["eval_before"])
+    with recorder.phase("generate_after"):
+        after = generate(model, tokenizer, PROMPTS, cfg.max_new_tokens)
+
+    history = trainer.state.log_history
+    metrics["loss_history"] = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
+    metrics["eval_history"] = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
+    metrics["final_train_loss"] = metrics["loss_history"][-1]["loss"] if metrics["loss_history"] else result.training_loss
+    metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
+    metrics["tokens_per_second"] = metrics["train_tokens"] / metrics["train_seconds"]
+    metrics["steady_tokens_per_second"] = timer.tokens_per_second(warmup=min(5, cfg.steps // 5))
+    metrics["steps"] = trainer.state.global_step
+
+    save_adapter(model, run_dir / "adapter")
+    if cfg.merge:
+        merged = model.merge_and_unload()
+        save_adapter(merged, run_dir / "merged")
+        tokenizer.save_pretrained(str(run_dir / "merged"))
+    write_json(run_dir / "generations.json", [{"prompt": p, "before": b, "after": a} for p, b, a in zip(PROMPTS, before, after)])
+
+    memory = recorder.stop()
+    metrics["memory"] = memory.to_dict()
+    metrics["memory_peaks"] = {p.name: p.__dict__ for p in memory.phases}
+    metrics["memory_after_load_gib"] = next(p.end_sampled_gib for p in memory.phases if p.name == "load")
+    metrics["peak_train_gib"] = memory.peak("train")
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,140 @@
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gemma_qlora.config import TrainConfig
+from gemma_qlora.errors import UserError
+from gemma_qlora.memory import MemoryRecorder
+from gemma_qlora.train import train
+
+
+def test_memory_recorder_on_cpu_records_rss_labelled_so():
+    recorder = MemoryRecorder(interval_s=0.01)
+    with recorder.phase("work"):
+        block = torch.ones(64, 1024, 1024)  # 256 MiB
+        time.sleep(0.1)
+        del block
+    record = recorder.stop()
+    assert record.kind == "rss" and "RSS" in record.label and "no GPU" in record.label
+    assert len(record.samples) >= 5
+    phase = record.phases[0]
+    assert phase.name == "work" and phase.end_s > phase.start_s
+    assert phase.peak_sampled_gib >= 0.25  # saw the 256 MiB block
+    assert phase.peak_allocated_gib is None  # no fake GPU numbers
+    json.dumps(record.to_dict())
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_training_lowers_loss_on_a_repeated_example(tiny_model, tmp_path, bits):
+    path = tmp_path / "one.jsonl"
+    path.write_text("\n".join(json.dumps({"quote": "Be yourself; everyone else is already taken.", "author": "Oscar Wilde"}) for _ in range(40)))
+    cfg = TrainConfig(
+        model=tiny_model, data=str(path), bits=bits, steps=12, batch_size=4, max_seq_length=64, eval_size=4,
+        learning_rate=5e-3, lora_r=16, lora_alpha=32, lora_dropout=0.0, output_dir=str(tmp_path / "runs"), max_new_tokens=2,
+    )
+    metrics = train(cfg)
+    assert metrics["eval_loss"] < metrics["eval_before"] - 0.5
+    losses = [h["loss"] for h in metrics["loss_history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_adapter_reloads_onto_fresh_base_with_identical_logits(fast_cfg):
+    from peft import PeftModel
+
+    from gemma_qlora.model import load_model
+    from gemma_qlora.quant import detect_precision
+
+    cfg = fast_cfg(bits=4, lora_dropout=0.0)
+    train(cfg)
+    adapter = os.path.join(cfg.output_dir, "4bit", "adapter")
+    assert os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
+    outputs = []
+    for _ in range(2):
+        base, tokenizer = load_model(cfg.model, 4, detect_precision("cpu"))
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        batch = tokenizer(["Quote: Imagination is more"], return_tensors="pt")
+        with torch.no_grad():
+            outputs.append(model(**batch).logits)
+        # the adapter changes the output: it is really applied
+        with model.disable_adapter(), torch.no_grad():
+            plain = model(**batch).logits
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.allclose(outputs[0], plain)
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_model):
+    """Padding-free packing: two examples in one row with their own position ids give the
+    same log-probs as each alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager").eval()
+    a = tokenizer("Quote: Be yourself.\nAuthor: Oscar Wilde")["input_ids"]
+    b = tokenizer("Quote: I think, therefore I am.\nAuthor: Descartes")["input_ids"]
+    with torch.no_grad():
+        alone = [model(torch.tensor([x]), use_cache=False).logits[0] for x in (a, b)]
+        # as in training (TRL passes use_cache=False): transformers derives the block mask from position ids
+        packed = model(
+            torch.tensor([a + b]), position_ids=torch.tensor([list(range(len(a))) + list(range(len(b)))]), use_cache=False
+        ).logits[0]
+    torch.testing.assert_close(packed[: len(a)], alone[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed[len(a) :], alone[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cli_train_writes_the_run_folder(tiny_model, quotes_file, tmp_path, bits):
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "gemma_qlora", "train", "--model", tiny_model, "--data", quotes_file, "--bits", str(bits),
+           "--steps", "5", "--batch_size", "4", "--max_seq_length", "128", "--eval_size", "8", "--output_dir", str(out),
+           "--max_new_tokens", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = out / f"{bits}bit"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 5 and metrics["config"]["bits"] == bits
+    assert metrics["loss_history"] and metrics["eval_history"]
+    assert metrics["tokens_per_second"] > 0 and metrics["train_tokens"] > 0
+    assert metrics["memory"]["kind"] == "rss" and metrics["memory"]["samples"]
+    assert {p["name"] for p in metrics["memory"]["phases"]} >= {"load", "train", "generate_after"}
+    assert set(metrics["versions"]) >= {"torch", "transformers", "peft", "trl", "bitsandbytes"}
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    generations = json.loads((run / "generations.json").read_text())
+    assert [g["prompt"] for g in generations] == ["Quote: Imagination is more", "Quote: Outside of a dog, a book is man's"]
+    assert "100%" in done.stderr  # Trainer's progress bar
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--bits", "3"], "--bits must be one of 4, 8, 16"),
+        (["--steps", "0"], "--steps must be a positive number"),
+        (["--batch_size", "-1"], "--batch_size must be a positive number"),
+        (["--lora_r", "0"], "--lora_r must be a positive number"),
+        (["--model", "/no/such/folder"], "does not exist"),
+        (["--data", "/no/such/file.jsonl"], "does not exist"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, message):
+    out = tmp_path / "runs"
+    done = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", "--output_dir", str(out), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_unwritable_output_dir(fast_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="Cannot write to"):
+        train(fast_cfg(output_dir=str(blocker / "runs")))
+
+
+def test_merge_only_for_16bit():
+    with pytest.raises(UserError, match="--merge only applies to --bits 16"):
+        TrainConfig(bits=4, merge=True)
