@@ -74,6 +74,9 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint."})
     merge: bool = field(default=False, metadata={"help": "16-bit only: also save the LoRA merged into the weights."})
     max_new_tokens: int = 24
+    author_eval: int = field(
+        default=0, metadata={"help": "Check author accuracy on this many held-out quotes before/after (0: skip)."}
+    )
 
     def __post_init__(self) -> None:
         from gemma_qlora.errors import UserError

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
@@ -27,11 +28,14 @@ from trl import SFTConfig, SFTTrainer
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.data import PROMPTS, check_fits, load_quotes, to_text
 from gemma_qlora.errors import UserError
-from gemma_qlora.evaluate import generate
+from gemma_qlora.evaluate import attributable, author_accuracy, generate
 from gemma_qlora.lora import attach_lora, parameter_counts
-from gemma_qlora.memory import GIB, MemoryRecorder
+from gemma_qlora.memory import GIB, MemoryRecord, MemoryRecorder
 from gemma_qlora.model import load_model
 from gemma_qlora.quant import Precision, detect_precision
+
+# bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16 (8-bit on CPU).
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
@@ -134,8 +138,31 @@ def environment(precision: Precision) -> dict:
     return env
 
 
+def make_trainer(cfg: TrainConfig, model, tokenizer, quotes, precision: Precision, callbacks=()) -> SFTTrainer:
+    """TRL's SFTTrainer on the formatted `text` of the train and held-out splits."""
+    train_text, eval_text = to_text(quotes["train"], tokenizer.eos_token), to_text(quotes["test"], tokenizer.eos_token)
+    check_fits(train_text, tokenizer, cfg.max_seq_length)
+    return SFTTrainer(
+        model=model,
+        args=sft_config(cfg, precision, prepare_run_dir(cfg) / "checkpoints"),
+        train_dataset=train_text,
+        eval_dataset=eval_text,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+
+
+def authors_check(model, tokenizer, quotes, n: int) -> dict:
+    """Author accuracy on up to `n` held-out quotes whose author the training split has."""
+    records = attributable(list(quotes["test"]), set(quotes["train"]["author"]))[:n]
+    return author_accuracy(model, tokenizer, records)
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Run one arm end to end and return its metrics (also written to metrics.json)."""
+    """Run one arm end to end and return its metrics (also written to metrics.json).
+
+    The notebooks call the same steps one cell at a time.
+    """
     precision = detect_precision(force_fp16=cfg.force_fp16)
     if cfg.gpu_memory_gib and precision.device == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory / GIB
@@ -146,6 +173,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics: dict = {"run": cfg.name, "config": asdict(cfg), **environment(precision)}
 
     quotes = load_quotes(cfg.data, cfg.quote_column, cfg.author_column, cfg.eval_size, cfg.max_train_examples)
+    metrics["examples"] = {"train": len(quotes["train"]), "eval": len(quotes["test"])}
     t0 = time.perf_counter()
     with recorder.phase("load"):
         model, tokenizer = load_model(
@@ -154,45 +182,33 @@ def train(cfg: TrainConfig) -> dict:
     metrics["load_seconds"] = time.perf_counter() - t0
     metrics["model_footprint_gib"] = model.get_memory_footprint() / GIB
     metrics["model_type"] = model.config.model_type
-    train_text, eval_text = to_text(quotes["train"], tokenizer.eos_token), to_text(quotes["test"], tokenizer.eos_token)
-    check_fits(train_text, tokenizer, cfg.max_seq_length)
-    metrics["examples"] = {"train": len(train_text), "eval": len(eval_text)}
 
     with recorder.phase("generate_before"):
         before = generate(model, tokenizer, PROMPTS, cfg.max_new_tokens)
+        if cfg.author_eval:
+            metrics["authors_before"] = authors_check(model, tokenizer, quotes, cfg.author_eval)
 
     model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.gradient_checkpointing)
     metrics["parameters"] = parameter_counts(model)
     timer = StepTimer()
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(cfg, precision, run_dir / "checkpoints"),
-        train_dataset=train_text,
-        eval_dataset=eval_text,
-        processing_class=tokenizer,
-        callbacks=[timer],
-    )
+    trainer = make_trainer(cfg, model, tokenizer, quotes, precision, callbacks=[timer])
     with recorder.phase("eval_before"):
         metrics["eval_before"] = trainer.evaluate()["eval_loss"]
     t0 = time.perf_counter()
     with recorder.phase("train"):
-        result = trainer.train(resume_from_checkpoint=cfg.resume or None)
+        trainer.train(resume_from_checkpoint=cfg.resume or None)
     metrics["train_seconds"] = time.perf_counter() - t0
     with recorder.phase("eval_after"):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    metrics["perplexity"] = math.exp(metrics["eval_loss"])
-    metrics["perplexity_before"] = math.exp(metrics["eval_before"])
     with recorder.phase("generate_after"):
         after = generate(model, tokenizer, PROMPTS, cfg.max_new_tokens)
+        if cfg.author_eval:
+            metrics["authors_after"] = authors_check(model, tokenizer, quotes, cfg.author_eval)
 
-    history = trainer.state.log_history
-    metrics["loss_history"] = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
-    metrics["eval_history"] = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
-    metrics["final_train_loss"] = metrics["loss_history"][-1]["loss"] if metrics["loss_history"] else result.training_loss
-    metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
-    metrics["tokens_per_second"] = metrics["train_tokens"] / metrics["train_seconds"]
-    metrics["steady_tokens_per_second"] = timer.tokens_per_second(warmup=min(5, cfg.steps // 5))
-    metrics["steps"] = trainer.state.global_step
+    metrics.update(training_metrics(trainer, timer, cfg))
+    metrics["perplexity"] = math.exp(metrics["eval_loss"])
+    metrics["perplexity_before"] = math.exp(metrics["eval_before"])
+    metrics["eval_history"].insert(0, {"step": 0, "eval_loss": metrics["eval_before"]})
 
     save_adapter(model, run_dir / "adapter")
     if cfg.merge:
@@ -200,11 +216,38 @@ def train(cfg: TrainConfig) -> dict:
         save_adapter(merged, run_dir / "merged")
         tokenizer.save_pretrained(str(run_dir / "merged"))
     write_json(run_dir / "generations.json", [{"prompt": p, "before": b, "after": a} for p, b, a in zip(PROMPTS, before, after)])
-
-    memory = recorder.stop()
-    metrics["memory"] = memory.to_dict()
-    metrics["memory_peaks"] = {p.name: p.__dict__ for p in memory.phases}
-    metrics["memory_after_load_gib"] = next(p.end_sampled_gib for p in memory.phases if p.name == "load")
-    metrics["peak_train_gib"] = memory.peak("train")
+    metrics.update(memory_metrics(recorder.stop()))
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def training_metrics(trainer: SFTTrainer, timer: StepTimer, cfg: TrainConfig) -> dict:
+    """Loss curves and speed from the trainer's log and the step timer."""
+    history = trainer.state.log_history
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
+    evals = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
+    evals = [e for i, e in enumerate(evals) if i == 0 or e["step"] != evals[i - 1]["step"]]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    seconds = timer.steps[-1][1] - timer.steps[0][1] if len(timer.steps) > 1 else None
+    return {
+        "loss_history": losses,
+        "eval_history": evals,
+        "final_train_loss": losses[-1]["loss"] if losses else None,
+        "steps": trainer.state.global_step,
+        "train_tokens": tokens,
+        "tokens_per_second": tokens / sum(h.get("train_runtime", 0) for h in history if "train_runtime" in h),
+        "steady_tokens_per_second": timer.tokens_per_second(warmup=min(5, cfg.steps // 5)),
+        "step_seconds": seconds / (len(timer.steps) - 1) if seconds else None,
+    }
+
+
+def memory_metrics(memory: MemoryRecord) -> dict:
+    """The recorder's samples and phases, plus the figures the tables quote."""
+    load = next((p for p in memory.phases if p.name == "load"), None)
+    return {
+        "memory": memory.to_dict(),
+        "memory_after_load_gib": load.end_sampled_gib if load else None,
+        "allocated_after_load_gib": load.end_allocated_gib if load else None,
+        "peak_train_gib": memory.peak("train"),
+        "peak_generate_gib": memory.peak("generate_after"),
+    }
