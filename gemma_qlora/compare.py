@@ -1,0 +1,176 @@
+"""4-bit vs 8-bit vs 16-bit: each arm trained in its own process, same data, seed and
+settings, then one table and the plots.
+
+    results/
+        <arm>/ ...            each arm's run folder (metrics.json, adapter/, generations.json)
+        comparison.json       one summary row per arm (mean and spread over seeds)
+        comparison.md         the same as a Markdown table
+        memory_timeline.png, memory_peaks.png, losses.png, throughput.png
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from gemma_qlora.config import TrainConfig
+from gemma_qlora.errors import UserError
+
+# arm name -> the settings that differ from the shared ones
+ARMS = {
+    "4bit": {"bits": 4, "quant_type": "nf4", "double_quant": True},
+    "4bit-nodq": {"bits": 4, "quant_type": "nf4", "double_quant": False},
+    "4bit-fp4": {"bits": 4, "quant_type": "fp4", "double_quant": True},
+    "8bit": {"bits": 8},
+    "16bit": {"bits": 16},
+}
+CPU_STEPS, GPU_STEPS = 20, 60
+
+
+@dataclass
+class CompareConfig(TrainConfig):
+    arms: list[str] = field(default_factory=lambda: ["4bit", "8bit", "16bit"], metadata={"help": f"Of {list(ARMS)}."})
+    seeds: list[int] = field(default_factory=lambda: [42], metadata={"help": "One run per arm and seed."})
+    output_dir: str = "results"
+    steps: int | None = field(default=None, metadata={"help": f"Default {GPU_STEPS} on GPU, {CPU_STEPS} on CPU."})
+    batch_size: int | None = field(default=None, metadata={"help": "Default 8 on GPU, 2 on CPU."})
+    max_seq_length: int | None = field(default=None, metadata={"help": "Default 512 on GPU, 256 on CPU."})
+    author_eval: int = field(default=100, metadata={"help": "Held-out quotes for author accuracy (0: skip)."})
+    quant_error: bool = field(default=True, metadata={"help": "Measure NF4/FP4/int8 weight reconstruction error."})
+
+    def __post_init__(self) -> None:
+        gpu = torch.cuda.is_available()
+        self.steps = self.steps or (GPU_STEPS if gpu else CPU_STEPS)
+        self.batch_size = self.batch_size or (8 if gpu else 2)
+        self.max_seq_length = self.max_seq_length or (512 if gpu else 256)
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise UserError(f"Unknown arm(s) {unknown}: choose from {list(ARMS)}.")
+        super().__post_init__()
+
+
+def arm_flags(cfg: CompareConfig, arm: str, seed: int, run_name: str) -> list[str]:
+    """The `train` command line for one arm: the shared settings plus the arm's own."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
+    values.update(ARMS[arm], seed=seed, run_name=run_name, merge=False)
+    flags = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        flags.append(f"--{name}")
+        flags += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return flags
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and spread (sample standard deviation) over seeds of the figures the table shows."""
+    def stat(get):
+        values = [v for v in (get(r) for r in runs) if v is not None]
+        if not values:
+            return None
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+    return {
+        "memory_after_load_gib": stat(lambda r: r["memory_after_load_gib"]),
+        "allocated_after_load_gib": stat(lambda r: r.get("allocated_after_load_gib")),
+        "peak_train_gib": stat(lambda r: r["peak_train_gib"]["sampled_gib"]),
+        "peak_train_allocated_gib": stat(lambda r: r["peak_train_gib"]["allocated_gib"]),
+        "model_footprint_gib": stat(lambda r: r["model_footprint_gib"]),
+        "tokens_per_second": stat(lambda r: r["steady_tokens_per_second"] or r["tokens_per_second"]),
+        "train_seconds": stat(lambda r: r["train_seconds"]),
+        "load_seconds": stat(lambda r: r["load_seconds"]),
+        "eval_loss_before": stat(lambda r: r["eval_before"]),
+        "eval_loss": stat(lambda r: r["eval_loss"]),
+        "perplexity": stat(lambda r: r["perplexity"]),
+        "author_accuracy_before": stat(lambda r: (r.get("authors_before") or {}).get("accuracy")),
+        "author_accuracy": stat(lambda r: (r.get("authors_after") or {}).get("accuracy")),
+        "trainable_parameters": runs[0]["parameters"]["trainable"],
+    }
+
+
+def _fmt(s, digits=2, pct=False):
+    if s is None:
+        return "n/a"
+    scale = 100 if pct else 1
+    text = f"{s['mean'] * scale:.{digits}f}"
+    return text + (f" ± {s['std'] * scale:.{digits}f}" if s["n"] > 1 else "")
+
+
+def markdown_table(summary: dict, where: str, memory_label: str) -> str:
+    rows = [
+        f"Measured on {where}. Memory: {memory_label}. Mean ± standard deviation over seeds where more than one.",
+        "",
+        "| arm | after load (GiB) | peak training (GiB) | tokens/s | eval loss before → after | perplexity | author accuracy before → after (%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, s in summary.items():
+        rows.append(
+            f"| {arm} | {_fmt(s['memory_after_load_gib'])} | {_fmt(s['peak_train_gib'])} | {_fmt(s['tokens_per_second'], 0)} | "
+            f"{_fmt(s['eval_loss_before'], 3)} → {_fmt(s['eval_loss'], 3)} | {_fmt(s['perplexity'], 1)} | "
+            f"{_fmt(s['author_accuracy_before'], 1, True)} → {_fmt(s['author_accuracy'], 1, True)} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def compare(cfg: CompareConfig) -> dict:
+    out = Path(cfg.output_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"Cannot write to {out} ({error.strerror}): choose another --output_dir.") from None
+    if cfg.model == "embedded":  # materialise once here, not in every arm
+        from gemma_qlora.embedded import embedded_model_dir
+
+        embedded_model_dir()
+    jobs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]  # arms interleaved within each seed
+    runs: dict[str, list[dict]] = {arm: [] for arm in cfg.arms}
+    started = time.perf_counter()
+    for i, (arm, seed) in enumerate(jobs, 1):
+        name = arm if len(cfg.seeds) == 1 else f"{arm}-seed{seed}"
+        print(f"\n=== [{i}/{len(jobs)}] {name}: {cfg.steps} steps, batch {cfg.batch_size} x {cfg.max_seq_length} "
+              f"({time.perf_counter() - started:.0f} s so far) ===", flush=True)
+        flags = arm_flags(cfg, arm, seed, name) + ["--output_dir", str(out)]
+        done = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", *flags])
+        if done.returncode != 0:
+            raise UserError(f"Arm {name} failed (exit {done.returncode}); the runs before it are kept in {out}.")
+        runs[arm].append(json.loads((out / name / "metrics.json").read_text()))
+
+    first = next(iter(runs.values()))[0]
+    where = f"{first.get('gpu') or 'CPU (' + str(torch.get_num_threads()) + ' threads)'}, {first['model_type']} {cfg.model}"
+    summary = {arm: summarise(arm_runs) for arm, arm_runs in runs.items()}
+    result = {
+        "where": where,
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ARMS["4bit"]},
+        "versions": first["versions"],
+        "memory_kind": first["memory"]["label"],
+        "wall_seconds": time.perf_counter() - started,
+        "arms": summary,
+    }
+    if cfg.quant_error:
+        result["weight_quant_error"] = measure_quant_error(cfg.model)
+    (out / "comparison.json").write_text(json.dumps(result, indent=2))
+    (out / "comparison.md").write_text(markdown_table(summary, where, first["memory"]["label"]))
+
+    from gemma_qlora.plots import save_all
+
+    save_all([arm_runs[0] for arm_runs in runs.values()], out)
+    print("\n" + (out / "comparison.md").read_text())
+    print(f"All arms in {result['wall_seconds'] / 60:.1f} min; results in {out}/")
+    return result
+
+
+def measure_quant_error(model: str) -> dict[str, float]:
+    """Relative weight error of each scheme on the unquantized model's decoder linears."""
+    from gemma_qlora.evaluate import weight_quant_error
+    from gemma_qlora.model import load_model
+    from gemma_qlora.quant import detect_precision
+
+    base, _ = load_model(model, 16, detect_precision("cpu"))
+    return weight_quant_error(base)
