@@ -50,6 +50,9 @@ class TrainConfig:
     learning_rate: float = 2e-4
     warmup_steps: int = 2
     gradient_checkpointing: bool = True
+    auto_batch_size: bool = field(
+        default=False, metadata={"help": "On out-of-memory, halve the micro-batch and go on (accelerate's finder)."}
+    )
     optim: str | None = field(
         default=None, metadata={"help": "Optimizer; default paged_adamw_8bit on GPU, adamw_torch on CPU."}
     )

@@ -42,3 +42,16 @@ def parameter_counts(model) -> dict[str, int | float]:
     """Trainable vs total parameters (4-bit weights counted unpacked, as PEFT does)."""
     trainable, total = model.get_nb_trainable_parameters()
     return {"trainable": trainable, "total": total, "trainable_percent": round(100 * trainable / total, 4)}
+
+
+def load_adapter(model: PreTrainedModel, path: str) -> PeftModel:
+    """A saved adapter onto a freshly loaded base, with a clear error for a broken folder."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
+        raise UserError(f"{path} is not a saved adapter (adapter_config.json and adapter_model.safetensors expected): point to a run's adapter/ folder.")
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except Exception as error:  # safetensors/JSON/shape errors all mean the same to the user
+        raise UserError(f"The adapter in {path} is damaged or belongs to another model ({type(error).__name__}): train again or use another run's adapter.") from None

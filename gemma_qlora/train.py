@@ -88,6 +88,7 @@ def sft_config(cfg: TrainConfig, precision: Precision, output_dir: Path) -> SFTC
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
         save_total_limit=2,
+        auto_find_batch_size=cfg.auto_batch_size,
         include_num_input_tokens_seen="non_padding",
         report_to=cfg.report_to,
         use_cpu=precision.device == "cpu",
@@ -136,6 +137,29 @@ def environment(precision: Precision) -> dict:
         env["gpu"] = torch.cuda.get_device_name()
         env["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     return env
+
+
+def newest_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing. It writes trainer_state.json last,
+    so a folder killed mid-save lacks it (or holds it truncated) and is skipped."""
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if path.name.split("-")[-1].isdigit():
+            complete.append((int(path.name.split("-")[-1]), str(path)))
+    return max(complete)[1] if complete else None
+
+
+def out_of_memory(cfg: TrainConfig, run_dir: Path) -> UserError:
+    return UserError(
+        f"Out of GPU memory in run {cfg.name} (bits={cfg.bits}, micro-batch {cfg.batch_size} x {cfg.max_seq_length} tokens, "
+        f"LoRA r={cfg.lora_r}). Try --batch_size {max(1, cfg.batch_size // 2)} (with --grad_accum {cfg.grad_accum * 2} to keep "
+        f"the batch), a shorter --max_seq_length, {'--bits 4, ' if cfg.bits != 4 else ''}or --auto_batch_size true to halve "
+        f"the micro-batch automatically. Files written so far stay in {run_dir}."
+    )
 
 
 def make_trainer(cfg: TrainConfig, model, tokenizer, quotes, precision: Precision, callbacks=()) -> SFTTrainer:
@@ -195,9 +219,16 @@ def train(cfg: TrainConfig) -> dict:
     with recorder.phase("eval_before"):
         metrics["eval_before"] = trainer.evaluate()["eval_loss"]
     t0 = time.perf_counter()
+    checkpoint = newest_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        print(f"No complete checkpoint in {run_dir / 'checkpoints'}: starting from step 0.", flush=True)
     with recorder.phase("train"):
-        trainer.train(resume_from_checkpoint=cfg.resume or None)
+        try:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        except torch.OutOfMemoryError:
+            raise out_of_memory(cfg, run_dir) from None
     metrics["train_seconds"] = time.perf_counter() - t0
+    metrics["resumed_from"] = checkpoint
     with recorder.phase("eval_after"):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     with recorder.phase("generate_after"):

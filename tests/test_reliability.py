@@ -1,0 +1,117 @@
+"""Crash, resume, bad disks and secrets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gemma_qlora.errors import UserError
+from gemma_qlora.train import newest_checkpoint, train
+
+
+def train_cmd(model, data, out, *extra):
+    return [sys.executable, "-m", "gemma_qlora", "train", "--model", model, "--data", data, "--output_dir", str(out),
+            "--batch_size", "4", "--max_seq_length", "64", "--eval_size", "4", "--max_new_tokens", "2",
+            "--logging_steps", "1", "--learning_rate", "5e-3", "--lora_r", "16", "--lora_alpha", "32", *extra]
+
+
+@pytest.fixture
+def repeated_quote(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text("\n".join(json.dumps({"quote": "Be yourself; everyone else is already taken.", "author": "Oscar Wilde"}) for _ in range(60)))
+    return str(path)
+
+
+def test_sigkill_mid_run_then_resume_continues(tiny_model, repeated_quote, tmp_path):
+    out = tmp_path / "runs"
+    cmd = train_cmd(tiny_model, repeated_quote, out, "--steps", "150", "--save_steps", "10", "--eval_steps", "1000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = out / "4bit" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        found = newest_checkpoint(checkpoints) if checkpoints.exists() else None
+        if found and int(found.rsplit("-", 1)[1]) >= 20:
+            proc.send_signal(signal.SIGKILL)  # mid-step: no clean-up of any kind
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "4bit" / "metrics.json").exists()
+    # a checkpoint folder the kill interrupted (no trainer_state.json) must never be picked
+    (checkpoints / "checkpoint-999").mkdir()
+    (checkpoints / "checkpoint-999" / "adapter_model.safetensors").write_bytes(b"half")
+    resume_point = newest_checkpoint(checkpoints)
+    assert not resume_point.endswith("999")
+
+    done = subprocess.run(cmd + ["--resume", "true"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "4bit" / "metrics.json").read_text())
+    assert metrics["steps"] == 150 and metrics["resumed_from"] == resume_point
+    steps = [h["step"] for h in metrics["loss_history"]]
+    assert steps == list(range(1, 151))  # the curve restored from the checkpoint, then continued, no repeats
+    losses = {h["step"]: h["loss"] for h in metrics["loss_history"]}
+    k = int(resume_point.rsplit("-", 1)[1])
+    # the first step after the resume carries on from where the killed run was, not from scratch
+    assert abs(losses[k + 1] - losses[k]) < abs(losses[k + 1] - losses[1])
+
+
+def test_resume_with_no_checkpoint_starts_fresh(fast_cfg):
+    metrics = train(fast_cfg(resume=True))
+    assert metrics["resumed_from"] is None and metrics["steps"] == 4
+
+
+def test_disk_full_while_saving_leaves_no_half_adapter(fast_cfg, monkeypatch):
+    from peft import PeftModel
+
+    def full(self, path, *args, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "adapter_model.safetensors"), "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", full)
+    cfg = fast_cfg()
+    with pytest.raises(UserError, match="free disk space"):
+        train(cfg)
+    run = os.path.join(cfg.output_dir, "4bit")
+    assert not os.path.exists(os.path.join(run, "adapter"))
+    assert not os.path.exists(os.path.join(run, "adapter.partial"))
+    assert not os.path.exists(os.path.join(run, "metrics.json"))
+
+
+def test_corrupted_adapter_folder(tiny_model, fast_cfg, tmp_path):
+    from gemma_qlora.lora import load_adapter
+    from gemma_qlora.model import load_model
+    from gemma_qlora.quant import detect_precision
+
+    cfg = fast_cfg()
+    train(cfg)
+    adapter = os.path.join(cfg.output_dir, "4bit", "adapter")
+    base, _ = load_model(tiny_model, 4, detect_precision("cpu"))
+    load_adapter(base, adapter)  # the intact one loads
+    with open(os.path.join(adapter, "adapter_model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    base, _ = load_model(tiny_model, 4, detect_precision("cpu"))
+    with pytest.raises(UserError, match="damaged"):
+        load_adapter(base, adapter)
+    with pytest.raises(UserError, match="not a saved adapter"):
+        load_adapter(base, str(tmp_path))
+
+
+def test_token_never_written_or_printed(tiny_model, quotes_file, tmp_path):
+    token = "hf_" + "PlantedFakeToken" * 3
+    env = {**os.environ, "HF_TOKEN": token}
+    out = tmp_path / "runs"
+    done = subprocess.run(train_cmd(tiny_model, quotes_file, out, "--steps", "2", "--save_steps", "1"),
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    gated = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", "--model", "google/gemma-2b", "--output_dir", str(out)],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert gated.returncode == 2
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) > 5
+    for text in [done.stdout, done.stderr, gated.stdout, gated.stderr] + [p.read_bytes().decode("latin-1") for p in written]:
+        assert token not in text
