@@ -50,6 +50,10 @@ class TrainConfig:
     learning_rate: float = 2e-4
     warmup_steps: int = 2
     gradient_checkpointing: bool = True
+    lean_prepare: bool = field(
+        default=True,
+        metadata={"help": "Skip PEFT's fp32 copy of frozen weights (1 GB less for Gemma 2B); false: prepare_model_for_kbit_training."},
+    )
     auto_batch_size: bool = field(
         default=False, metadata={"help": "On out-of-memory, halve the micro-batch and go on (accelerate's finder)."}
     )

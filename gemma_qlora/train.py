@@ -212,7 +212,9 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.author_eval:
             metrics["authors_before"] = authors_check(model, tokenizer, quotes, cfg.author_eval)
 
-    model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.gradient_checkpointing)
+    model = attach_lora(
+        model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.gradient_checkpointing, cfg.lean_prepare
+    )
     metrics["parameters"] = parameter_counts(model)
     timer = StepTimer()
     trainer = make_trainer(cfg, model, tokenizer, quotes, precision, callbacks=[timer])

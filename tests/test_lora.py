@@ -38,3 +38,22 @@ def test_unknown_target_is_clear(tiny_model):
     model, _ = load_model(tiny_model, 4, CPU)
     with pytest.raises(UserError, match="not modules of this model"):
         attach_lora(model, targets=["c_attn"])
+
+
+def test_lean_prepare_keeps_frozen_weights_in_their_dtype(tiny_model):
+    """PEFT's prepare copies frozen bf16 weights to fp32; the lean default does not."""
+    import torch
+
+    from gemma_qlora.quant import Precision
+
+    bf16 = Precision("cpu", torch.bfloat16, bf16=False, fp16=False)
+    lean = attach_lora(load_model(tiny_model, 4, bf16)[0])
+    assert lean.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert lean.base_model.model.is_gradient_checkpointing
+    peft_way = attach_lora(load_model(tiny_model, 4, bf16)[0], lean_prepare=False)
+    assert peft_way.get_input_embeddings().weight.dtype == torch.float32
+    for model in (lean, peft_way):
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters() if "lora_" in n}
+        out = model(input_ids=torch.tensor([[2, 5, 6, 7]]), labels=torch.tensor([[2, 5, 6, 7]]))
+        out.loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
