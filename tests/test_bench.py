@@ -1,0 +1,44 @@
+"""The GPU benchmark runs end to end on CPU at the tiny shape: one process per arm, one row per arm."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
+ARMS = ["plain-4bit", "pkg-4bit", "plain-8bit-old"]
+
+
+def test_bench_tiny_shape_on_cpu(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(BENCH), "--shape", "tiny", "--steps", "3", "--warmup", "1", "--arms", ",".join(ARMS),
+           "--out", str(out), "--cache", str(tmp_path / "cache")]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
+    seconds = time.perf_counter() - t0
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert seconds < 170
+
+    report = json.loads((out / "bench.json").read_text())
+    assert [a["arm"] for a in report["arms"]] == ARMS
+    for arm in report["arms"]:
+        assert arm["status"] == "ok", arm.get("error")
+        assert arm["tokens_per_second"] > 0 and arm["timed_steps"] == 3
+        assert arm["import_seconds"] > 0 and arm["load_seconds"] > 0
+        assert arm["epoch_seconds"] > 0 and arm["epoch_tokens"] > 0
+        assert arm["final_loss"] is not None
+        assert arm["allocated_peak_gib"] is None  # no GPU: no made-up GPU figures
+    by_arm = {a["arm"]: a for a in report["arms"]}
+    assert by_arm["plain-8bit-old"]["batch_size"] == 1 and by_arm["plain-8bit-old"]["grad_accum"] == 4
+    assert by_arm["plain-4bit"]["batch_size"] == 8 and by_arm["plain-4bit"]["packing"]
+    assert by_arm["pkg-4bit"]["batch_size"] == 8 and by_arm["pkg-4bit"]["max_length"] == 512
+    assert by_arm["pkg-4bit"]["tokens_per_second_vs_ref"] > 0  # ratio against plain-4bit
+    assert report["model"]["random_weights"] is True
+    assert set(report["environment"]["versions"]) >= {"torch", "transformers", "peft", "trl", "bitsandbytes"}
+
+    table = (out / "bench.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| arm ")]
+    assert [row.split("|")[1].strip() for row in rows] == ARMS
+    assert "random weights" in table and "n/a" in table
+    assert table in done.stdout  # the table is also printed
