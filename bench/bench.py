@@ -508,7 +508,8 @@ def build_plain(arm: str, s: Settings, records: list[dict], recorder, timer):
 
 
 def build_pkg(arm: str, s: Settings, records: list[dict], recorder, timer):
-    """The package's own path at its defaults (TrainConfig: batch 8 x 512 packed, paged 8-bit AdamW).
+    """The package's own path at its defaults (TrainConfig: batch 8 x 512 packed, paged 8-bit AdamW,
+    k-bit preparation without PEFT's fp32 copy of frozen weights), called as `train()` calls it.
     Evaluation is pushed past the last step so that it never runs inside the timed steps."""
     from datasets import Dataset, DatasetDict
 
@@ -526,7 +527,9 @@ def build_pkg(arm: str, s: Settings, records: list[dict], recorder, timer):
     precision = detect_precision(force_fp16=cfg.force_fp16)
     with recorder.phase("load"):
         model, tokenizer = load_model(cfg.model, cfg.bits, precision, cfg.quant_type, cfg.double_quant, cfg.attn_implementation)
-    model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.gradient_checkpointing)
+    model = attach_lora(
+        model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.gradient_checkpointing, cfg.lean_prepare
+    )
     # all quotes train, as in the plain arms; the held-out split make_trainer wants is never evaluated
     quotes = DatasetDict(train=Dataset.from_list(records), test=Dataset.from_list(records[: cfg.batch_size]))
     return make_trainer(cfg, model, tokenizer, quotes, precision, callbacks=[timer])
@@ -623,6 +626,8 @@ def measure_arm(arm: str, s: Settings, result: dict) -> None:
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         attention=getattr(model.config, "_attn_implementation", None),
         gradient_checkpointing=args.gradient_checkpointing,
+        kbit_preparation=("none (16-bit)" if ARMS[arm] == 16 else "unsloth" if arm.startswith("unsloth")
+                          else "gemma_qlora lean (no fp32 copy)" if arm.startswith("pkg") else "prepare_model_for_kbit_training"),
         trainable_parameters=model.get_nb_trainable_parameters()[0],
         epoch_examples=len(records),
         epoch_sequences=len(lengths),
