@@ -20,15 +20,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def ipython_stub() -> None:
-    """Just enough of IPython.display for notebook cells that call display()/Markdown()."""
-    try:
-        import IPython.display  # noqa: F401
-        return
-    except ImportError:
-        pass
+def ipython_stub(figures: Path, stem: str) -> None:
+    """Just enough of IPython.display for cells that call display()/Markdown(): text is
+    printed, figures are saved (IPython itself is replaced too, so figures are kept)."""
+    shown = []
+
+    def show(*objs, **_):
+        for o in objs:
+            if hasattr(o, "savefig"):
+                shown.append(o)
+                o.savefig(figures / f"{stem}-display{len(shown)}.png", dpi=110)
+            else:
+                print(getattr(o, "data", o))
+
     display = types.ModuleType("IPython.display")
-    display.display = lambda *objs, **_: [print(getattr(o, "data", o)) for o in objs]
+    display.display = show
     display.Markdown = display.HTML = lambda data: types.SimpleNamespace(data=data)
     package = types.ModuleType("IPython")
     package.display = display
@@ -41,9 +47,9 @@ def main() -> None:
     parser.add_argument("--figures", default="figures")
     parser.add_argument("overrides", nargs="*", help="NAME=python-literal")
     args = parser.parse_args()
-    ipython_stub()
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
+    ipython_stub(figures, Path(args.notebook).stem)
     overrides = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.overrides)}
     namespace: dict = {"__name__": "__main__"}
     cells = [c for c in json.loads(Path(args.notebook).read_text())["cells"] if c["cell_type"] == "code"]

@@ -44,6 +44,7 @@ class CompareConfig(TrainConfig):
     max_seq_length: int | None = field(default=None, metadata={"help": "Default 512 on GPU, 256 on CPU."})
     author_eval: int = field(default=100, metadata={"help": "Held-out quotes for author accuracy (0: skip)."})
     quant_error: bool = field(default=True, metadata={"help": "Measure NF4/FP4/int8 weight reconstruction error."})
+    reuse: bool = field(default=False, metadata={"help": "Keep arms whose metrics.json exists (finish a cut-short run)."})
 
     def __post_init__(self) -> None:
         gpu = torch.cuda.is_available()
@@ -136,11 +137,14 @@ def compare(cfg: CompareConfig) -> dict:
         name = arm if len(cfg.seeds) == 1 else f"{arm}-seed{seed}"
         print(f"\n=== [{i}/{len(jobs)}] {name}: {cfg.steps} steps, batch {cfg.batch_size} x {cfg.max_seq_length} "
               f"({time.perf_counter() - started:.0f} s so far) ===", flush=True)
-        flags = arm_flags(cfg, arm, seed, name) + ["--output_dir", str(out)]
-        done = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", *flags])
-        if done.returncode != 0:
-            raise UserError(f"Arm {name} failed (exit {done.returncode}); the runs before it are kept in {out}.")
-        runs[arm].append(json.loads((out / name / "metrics.json").read_text()))
+        metrics_file = out / name / "metrics.json"
+        if not (cfg.reuse and metrics_file.is_file()):
+            metrics_file.unlink(missing_ok=True)  # never mistake an earlier run's figures for this one's
+            flags = arm_flags(cfg, arm, seed, name) + ["--output_dir", str(out)]
+            done = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", *flags])
+            if done.returncode != 0:
+                raise UserError(f"Arm {name} failed (exit {done.returncode}); the runs before it are kept in {out}.")
+        runs[arm].append(json.loads(metrics_file.read_text()))
 
     first = next(iter(runs.values()))[0]
     where = f"{first.get('gpu') or 'CPU (' + str(torch.get_num_threads()) + ' threads)'}, {first['model_type']} {cfg.model}"

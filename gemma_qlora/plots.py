@@ -105,3 +105,15 @@ def save_all(runs: list[dict], folder) -> list[str]:
         plt.close(fig)
         written.append(path.name)
     return written
+
+
+def memory_table(runs: list[dict]) -> str:
+    """Markdown: after load, peak training, peak generation (GiB), one column per run."""
+    rows = {
+        "after load": [r["memory_after_load_gib"] for r in runs],
+        "peak during training": [r["peak_train_gib"]["sampled_gib"] for r in runs],
+        "peak during generation": [r["peak_generate_gib"]["sampled_gib"] for r in runs],
+    }
+    lines = [f"| {runs[0]['memory']['label']} | " + " | ".join(r["run"] for r in runs) + " |", "|:--" + "|--:" * len(runs) + "|"]
+    lines += [f"| {name} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in values) + " |" for name, values in rows.items()]
+    return "\n".join(lines)

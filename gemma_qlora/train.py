@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
@@ -34,8 +34,8 @@ from gemma_qlora.memory import GIB, MemoryRecord, MemoryRecorder
 from gemma_qlora.model import load_model
 from gemma_qlora.quant import Precision, detect_precision
 
-# bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16 (8-bit on CPU).
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+# bitsandbytes logs a line for every int8 matmul whose inputs are not fp16 (bf16 GPUs, CPU).
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda record: "will be cast" not in record.getMessage())
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
@@ -166,7 +166,7 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, quotes, precision: Precisio
     """TRL's SFTTrainer on the formatted `text` of the train and held-out splits."""
     train_text, eval_text = to_text(quotes["train"], tokenizer.eos_token), to_text(quotes["test"], tokenizer.eos_token)
     check_fits(train_text, tokenizer, cfg.max_seq_length)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=sft_config(cfg, precision, prepare_run_dir(cfg) / "checkpoints"),
         train_dataset=train_text,
@@ -174,6 +174,14 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, quotes, precision: Precisio
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    if precision.compute_dtype != torch.bfloat16:
+        # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice). fp16 mixed
+        # precision (a T4) cannot unscale bf16 gradients and crashes at the first step, and an fp32
+        # CPU run would compute LoRA in bf16: keep them in fp32 there.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
 
 
 def authors_check(model, tokenizer, quotes, n: int) -> dict:

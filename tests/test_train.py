@@ -138,3 +138,20 @@ def test_unwritable_output_dir(fast_cfg, tmp_path):
 def test_merge_only_for_16bit():
     with pytest.raises(UserError, match="--merge only applies to --bits 16"):
         TrainConfig(bits=4, merge=True)
+
+
+def test_lora_weights_stay_fp32_where_compute_is_not_bf16(fast_cfg):
+    """TRL casts a quantized model's LoRA weights to bf16; fp16 AMP (a T4) then crashes at the
+    first optimizer step, so the package keeps them fp32 unless compute is bf16."""
+    from gemma_qlora.data import load_quotes
+    from gemma_qlora.lora import attach_lora
+    from gemma_qlora.model import load_model
+    from gemma_qlora.quant import detect_precision
+    from gemma_qlora.train import make_trainer
+
+    cfg = fast_cfg()
+    cpu = detect_precision("cpu")
+    model, tokenizer = load_model(cfg.model, 4, cpu)
+    trainer = make_trainer(cfg, attach_lora(model), tokenizer, load_quotes(cfg.data, eval_size=8), cpu)
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
