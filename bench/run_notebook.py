@@ -38,6 +38,7 @@ def ipython_stub(figures: Path, stem: str) -> None:
     display.Markdown = display.HTML = lambda data: types.SimpleNamespace(data=data)
     package = types.ModuleType("IPython")
     package.display = display
+    package.get_ipython = lambda: None  # matplotlib asks whether it runs inside IPython
     sys.modules.update({"IPython": package, "IPython.display": display})
 
 
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("notebook")
     parser.add_argument("--figures", default="figures")
     parser.add_argument("overrides", nargs="*", help="NAME=python-literal")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     ipython_stub(figures, Path(args.notebook).stem)

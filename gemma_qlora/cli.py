@@ -18,6 +18,7 @@ USAGE = """usage: python -m gemma_qlora COMMAND [flags]
 commands:
   train     fine-tune one arm (--bits 4|8|16) and write its run folder
   compare   train the 4-bit, 8-bit and 16-bit arms side by side and plot them
+  report    summarise and plot the run folders already in a results folder
 
 `python -m gemma_qlora COMMAND --help` lists the flags."""
 
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             from gemma_qlora.compare import CompareConfig, compare
 
             compare(parse(CompareConfig, rest))
+        elif command == "report":
+            from gemma_qlora.compare import ReportConfig, report
+
+            report(parse(ReportConfig, rest))
         else:
             print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2

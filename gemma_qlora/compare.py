@@ -11,6 +11,7 @@ settings, then one table and the plots.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,10 @@ class CompareConfig(TrainConfig):
     steps: int | None = field(default=None, metadata={"help": f"Default {GPU_STEPS} on GPU, {CPU_STEPS} on CPU."})
     batch_size: int | None = field(default=None, metadata={"help": "Default 8 on GPU, 2 on CPU."})
     max_seq_length: int | None = field(default=None, metadata={"help": "Default 512 on GPU, 256 on CPU."})
-    author_eval: int = field(default=100, metadata={"help": "Held-out quotes for author accuracy (0: skip)."})
+    eval_size: int | None = field(default=None, metadata={"help": "Held-out quotes for eval loss; default 200 on GPU, 100 on CPU."})
+    author_eval: int | None = field(
+        default=None, metadata={"help": "Held-out quotes for author accuracy (0: skip); default 100 on GPU, 50 on CPU."}
+    )
     quant_error: bool = field(default=True, metadata={"help": "Measure NF4/FP4/int8 weight reconstruction error."})
     reuse: bool = field(default=False, metadata={"help": "Keep arms whose metrics.json exists (finish a cut-short run)."})
 
@@ -51,10 +55,16 @@ class CompareConfig(TrainConfig):
         self.steps = self.steps or (GPU_STEPS if gpu else CPU_STEPS)
         self.batch_size = self.batch_size or (8 if gpu else 2)
         self.max_seq_length = self.max_seq_length or (512 if gpu else 256)
+        self.eval_size = self.eval_size or (200 if gpu else 100)
+        self.author_eval = (100 if gpu else 50) if self.author_eval is None else self.author_eval
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise UserError(f"Unknown arm(s) {unknown}: choose from {list(ARMS)}.")
         super().__post_init__()
+
+
+def run_name(arm: str, seed: int, seeds: list[int]) -> str:
+    return arm if len(seeds) == 1 else f"{arm}-seed{seed}"
 
 
 def arm_flags(cfg: CompareConfig, arm: str, seed: int, run_name: str) -> list[str]:
@@ -106,14 +116,17 @@ def _fmt(s, digits=2, pct=False):
 
 def markdown_table(summary: dict, where: str, memory_label: str) -> str:
     rows = [
-        f"Measured on {where}. Memory: {memory_label}. Mean ± standard deviation over seeds where more than one.",
+        f"Measured on {where}. Sampled memory: {memory_label}; allocator: torch's allocated bytes (GPU only). "
+        "Mean ± standard deviation over seeds where more than one.",
         "",
-        "| arm | after load (GiB) | peak training (GiB) | tokens/s | eval loss before → after | perplexity | author accuracy before → after (%) |",
+        "| arm | after load: sampled / allocator (GiB) | peak training: sampled / allocator (GiB) | tokens/s | "
+        "eval loss before → after | perplexity | author accuracy before → after (%) |",
         "|---|---|---|---|---|---|---|",
     ]
     for arm, s in summary.items():
         rows.append(
-            f"| {arm} | {_fmt(s['memory_after_load_gib'])} | {_fmt(s['peak_train_gib'])} | {_fmt(s['tokens_per_second'], 0)} | "
+            f"| {arm} | {_fmt(s['memory_after_load_gib'])} / {_fmt(s['allocated_after_load_gib'])} | "
+            f"{_fmt(s['peak_train_gib'])} / {_fmt(s['peak_train_allocated_gib'])} | {_fmt(s['tokens_per_second'], 0)} | "
             f"{_fmt(s['eval_loss_before'], 3)} → {_fmt(s['eval_loss'], 3)} | {_fmt(s['perplexity'], 1)} | "
             f"{_fmt(s['author_accuracy_before'], 1, True)} → {_fmt(s['author_accuracy'], 1, True)} |"
         )
@@ -131,10 +144,9 @@ def compare(cfg: CompareConfig) -> dict:
 
         embedded_model_dir()
     jobs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]  # arms interleaved within each seed
-    runs: dict[str, list[dict]] = {arm: [] for arm in cfg.arms}
     started = time.perf_counter()
     for i, (arm, seed) in enumerate(jobs, 1):
-        name = arm if len(cfg.seeds) == 1 else f"{arm}-seed{seed}"
+        name = run_name(arm, seed, cfg.seeds)
         print(f"\n=== [{i}/{len(jobs)}] {name}: {cfg.steps} steps, batch {cfg.batch_size} x {cfg.max_seq_length} "
               f"({time.perf_counter() - started:.0f} s so far) ===", flush=True)
         metrics_file = out / name / "metrics.json"
@@ -144,21 +156,52 @@ def compare(cfg: CompareConfig) -> dict:
             done = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", *flags])
             if done.returncode != 0:
                 raise UserError(f"Arm {name} failed (exit {done.returncode}); the runs before it are kept in {out}.")
-        runs[arm].append(json.loads(metrics_file.read_text()))
 
+    names = [run_name(arm, seed, cfg.seeds) for arm, seed in jobs]
+    result = report(ReportConfig(str(out), cfg.model if cfg.quant_error else None), names)
+    result["wall_seconds"] = time.perf_counter() - started
+    (out / "comparison.json").write_text(json.dumps(result, indent=2))
+    print(f"All arms in {result['wall_seconds'] / 60:.1f} min; results in {out}/")
+    return result
+
+
+@dataclass
+class ReportConfig:
+    folder: str = field(metadata={"help": "A results folder holding run folders (<arm> or <arm>-seed<N>)."})
+    quant_error_model: str | None = field(
+        default=None, metadata={"help": "Also measure NF4/FP4/int8 weight error of this model (e.g. embedded)."}
+    )
+
+
+def report(cfg: ReportConfig, names: list[str] | None = None) -> dict:
+    """Summarise the run folders under `cfg.folder` (or just `names`): comparison.json,
+    comparison.md and the plots. `compare` ends with this; on its own it summarises runs
+    made elsewhere or cut short.
+    """
+    out = Path(cfg.folder)
+    runs: dict[str, list[dict]] = {}
+    paths = [out / n / "metrics.json" for n in names] if names else sorted(out.glob("*/metrics.json"))
+    for path in paths:
+        arm = re.sub(r"-seed\d+$", "", path.parent.name)
+        runs.setdefault(arm, []).append(json.loads(path.read_text()))
+    if not runs:
+        raise UserError(f"No run folders with metrics.json under {out}: run `python -m gemma_qlora compare` first.")
+    order = {arm: i for i, arm in enumerate(ARMS)}
+    runs = dict(sorted(runs.items(), key=lambda item: order.get(item[0], len(order))))
     first = next(iter(runs.values()))[0]
-    where = f"{first.get('gpu') or 'CPU (' + str(torch.get_num_threads()) + ' threads)'}, {first['model_type']} {cfg.model}"
+    threads = f"CPU ({torch.get_num_threads()} threads)"
+    where = f"{first.get('gpu') or threads}, {first['model_type']} {first['config']['model']}"
     summary = {arm: summarise(arm_runs) for arm, arm_runs in runs.items()}
     result = {
         "where": where,
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ARMS["4bit"]},
+        "settings": {k: v for k, v in first["config"].items() if k not in ("bits", "quant_type", "double_quant", "seed", "run_name")},
+        "seeds": {arm: [r["config"]["seed"] for r in arm_runs] for arm, arm_runs in runs.items()},
         "versions": first["versions"],
         "memory_kind": first["memory"]["label"],
-        "wall_seconds": time.perf_counter() - started,
         "arms": summary,
     }
-    if cfg.quant_error:
-        result["weight_quant_error"] = measure_quant_error(cfg.model)
+    if cfg.quant_error_model:
+        result["weight_quant_error"] = measure_quant_error(cfg.quant_error_model)
     (out / "comparison.json").write_text(json.dumps(result, indent=2))
     (out / "comparison.md").write_text(markdown_table(summary, where, first["memory"]["label"]))
 
@@ -166,7 +209,6 @@ def compare(cfg: CompareConfig) -> dict:
 
     save_all([arm_runs[0] for arm_runs in runs.values()], out)
     print("\n" + (out / "comparison.md").read_text())
-    print(f"All arms in {result['wall_seconds'] / 60:.1f} min; results in {out}/")
     return result
 
 

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 PHASE_COLOURS = {
     "load": "#dbe9f6",
     "generate_before": "#fde9d9",
+    "prepare": "#f4f4f4",
     "eval_before": "#eeeeee",
     "train": "#e2f0d9",
     "eval_after": "#eeeeee",
@@ -38,7 +39,8 @@ def memory_timeline(runs: list[dict]) -> Figure:
         ax.plot(times, values, color="#1f4e79", lw=1.5)
         ax.set_title(run["run"], loc="left", fontsize=10)
         ax.set_ylabel("GiB")
-        ax.set_ylim(bottom=0)
+    top = max((v for run in runs for _, v in run["memory"]["samples"]), default=1.0)
+    axes[0, 0].set_ylim(0, top * 1.1)  # shared by every panel
     axes[-1, 0].set_xlabel("seconds")
     fig.suptitle(f"{runs[0]['memory']['label']} — {_where(runs)}", fontsize=11)
     fig.tight_layout()

@@ -220,12 +220,13 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.author_eval:
             metrics["authors_before"] = authors_check(model, tokenizer, quotes, cfg.author_eval)
 
-    model = attach_lora(
-        model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.gradient_checkpointing, cfg.lean_prepare
-    )
+    with recorder.phase("prepare"):  # LoRA, and TRL formatting/tokenizing/packing the data
+        model = attach_lora(
+            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.gradient_checkpointing, cfg.lean_prepare
+        )
+        timer = StepTimer()
+        trainer = make_trainer(cfg, model, tokenizer, quotes, precision, callbacks=[timer])
     metrics["parameters"] = parameter_counts(model)
-    timer = StepTimer()
-    trainer = make_trainer(cfg, model, tokenizer, quotes, precision, callbacks=[timer])
     with recorder.phase("eval_before"):
         metrics["eval_before"] = trainer.evaluate()["eval_loss"]
     t0 = time.perf_counter()

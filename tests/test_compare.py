@@ -48,3 +48,44 @@ def test_arm_flags_share_settings_and_differ_only_in_quantization():
 def test_unknown_arm():
     with pytest.raises(UserError, match="Unknown arm"):
         CompareConfig(arms=["3bit"])
+
+
+def test_report_summarises_seeds_and_cut_short_runs(tmp_path):
+    """`report` groups <arm>-seed<N> folders: mean and spread over the seeds each arm has."""
+    import shutil
+
+    from gemma_qlora.compare import ReportConfig, report
+
+    def fake_run(name, seed, eval_loss):
+        # a metrics.json as `train` writes it, with only the figures the summary reads
+        run = {
+            "run": name, "model_type": "gemma3_text", "gpu": "Test GPU", "versions": {"torch": "x"},
+            "config": {"model": "m", "seed": seed, "bits": 4}, "parameters": {"trainable": 10},
+            "memory": {"label": "GPU memory used (NVML), GiB", "samples": [[0, 1.0], [1, 2.0]],
+                       "phases": [{"name": "train", "start_s": 0, "end_s": 1}]},
+            "memory_after_load_gib": 1.0, "allocated_after_load_gib": 0.5,
+            "peak_train_gib": {"sampled_gib": 2.0, "allocated_gib": 1.5}, "peak_generate_gib": {"sampled_gib": 1.5},
+            "model_footprint_gib": 0.4, "steady_tokens_per_second": 100.0, "tokens_per_second": 90.0,
+            "train_seconds": 5.0, "load_seconds": 1.0, "eval_before": 4.0, "eval_loss": eval_loss,
+            "perplexity": 2.718281828 ** eval_loss, "authors_before": {"accuracy": 0.0}, "authors_after": {"accuracy": 0.5},
+            "loss_history": [{"step": 1, "loss": 4.0}], "eval_history": [{"step": 0, "eval_loss": 4.0}],
+        }
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(run))
+
+    fake_run("4bit-seed1", 1, 3.0)
+    fake_run("4bit-seed2", 2, 3.2)
+    fake_run("16bit-seed1", 1, 2.5)
+    result = report(ReportConfig(str(tmp_path)))
+    assert list(result["arms"]) == ["4bit", "16bit"]
+    loss = result["arms"]["4bit"]["eval_loss"]
+    assert loss["n"] == 2 and loss["mean"] == pytest.approx(3.1) and loss["std"] == pytest.approx(0.1414, abs=1e-3)
+    assert result["arms"]["16bit"]["eval_loss"]["n"] == 1
+    assert result["seeds"] == {"4bit": [1, 2], "16bit": [1]}
+    assert "3.100 ± 0.141" in (tmp_path / "comparison.md").read_text()
+    assert (tmp_path / "memory_timeline.png").is_file()
+    shutil.rmtree(tmp_path / "4bit-seed1")
+    shutil.rmtree(tmp_path / "4bit-seed2")
+    shutil.rmtree(tmp_path / "16bit-seed1")
+    with pytest.raises(UserError, match="No run folders"):
+        report(ReportConfig(str(tmp_path)))
