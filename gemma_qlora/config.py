@@ -31,6 +31,9 @@ class TrainConfig:
     bits: int = field(default=4, metadata={"help": "4 (QLoRA NF4/FP4), 8 (LLM.int8) or 16 (no quantization)."})
     quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
     double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit scales too (saves ~0.4 bit/weight)."})
+    quant_storage: str | None = field(
+        default=None, metadata={"help": "dtype the packed 4-bit weights are stored in; bfloat16 for FSDP (QLoRA+FSDP recipe)."}
+    )
 
     # LoRA
     lora_r: int = 8
@@ -94,6 +97,8 @@ class TrainConfig:
         problems = []
         if self.bits not in ALLOWED_BITS:
             problems.append(f"--bits must be one of {', '.join(map(str, ALLOWED_BITS))}, not {self.bits}")
+        if self.quant_storage not in (None, "uint8", "bfloat16", "float16", "float32"):
+            problems.append(f"--quant_storage must be uint8, bfloat16, float16 or float32, not {self.quant_storage!r}")
         if self.quant_type not in ALLOWED_QUANT_TYPES:
             problems.append(f"--quant_type must be one of {', '.join(ALLOWED_QUANT_TYPES)}, not {self.quant_type!r}")
         for name in ("steps", "batch_size", "grad_accum", "max_seq_length", "lora_r", "lora_alpha", "eval_size"):

@@ -209,7 +209,8 @@ def train(cfg: TrainConfig) -> dict:
     t0 = time.perf_counter()
     with recorder.phase("load"):
         model, tokenizer = load_model(
-            cfg.model, cfg.bits, precision, cfg.quant_type, cfg.double_quant, cfg.attn_implementation
+            cfg.model, cfg.bits, precision, cfg.quant_type, cfg.double_quant, cfg.attn_implementation,
+            getattr(torch, cfg.quant_storage) if cfg.quant_storage else None,
         )
     metrics["load_seconds"] = time.perf_counter() - t0
     metrics["model_footprint_gib"] = model.get_memory_footprint() / GIB

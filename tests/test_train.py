@@ -155,3 +155,30 @@ def test_lora_weights_stay_fp32_where_compute_is_not_bf16(fast_cfg):
     trainer = make_trainer(cfg, attach_lora(model), tokenizer, load_quotes(cfg.data, eval_size=8), cpu)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+def test_quant_storage_for_fsdp_stores_4bit_weights_in_bf16(fast_cfg):
+    """FSDP shards one flat float dtype: QLoRA+FSDP stores the packed 4-bit weights as bf16."""
+    import bitsandbytes as bnb
+
+    from gemma_qlora.model import load_model
+    from gemma_qlora.quant import detect_precision
+
+    cfg = fast_cfg()
+    model, _ = load_model(cfg.model, 4, detect_precision("cpu"), quant_storage=torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
+    with pytest.raises(UserError, match="--quant_storage"):
+        fast_cfg(quant_storage="int4")
+
+
+def test_accelerate_launch_runs_the_train_command(tiny_model, quotes_file, tmp_path):
+    """The multi-GPU entry point, `accelerate launch -m gemma_qlora train`, with one CPU process."""
+    out = tmp_path / "runs"
+    cmd = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "gemma_qlora", "train", "--model", tiny_model, "--data", quotes_file,
+           "--steps", "2", "--batch_size", "2", "--max_seq_length", "64", "--eval_size", "4", "--max_new_tokens", "2",
+           "--output_dir", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "4bit" / "metrics.json").read_text())["steps"] == 2
