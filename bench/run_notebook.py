@@ -20,25 +20,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def ipython_stub(figures: Path, stem: str) -> None:
-    """Just enough of IPython.display for cells that call display()/Markdown(): text is
-    printed, figures are saved (IPython itself is replaced too, so figures are kept)."""
-    shown = []
+def ipython_stub() -> None:
+    """Where IPython is missing, just enough of it for cells that call display(Markdown(...)):
+    text is printed; figures stay open and are saved after each cell."""
+    try:
+        import IPython.display  # noqa: F401
 
-    def show(*objs, **_):
-        for o in objs:
-            if hasattr(o, "savefig"):
-                shown.append(o)
-                o.savefig(figures / f"{stem}-display{len(shown)}.png", dpi=110)
-            else:
-                print(getattr(o, "data", o))
-
+        return
+    except ImportError:
+        pass
     display = types.ModuleType("IPython.display")
-    display.display = show
+    display.display = lambda *objs, **_: [print(getattr(o, "data", o)) for o in objs]
     display.Markdown = display.HTML = lambda data: types.SimpleNamespace(data=data)
     package = types.ModuleType("IPython")
     package.display = display
     package.get_ipython = lambda: None  # matplotlib asks whether it runs inside IPython
+    package.version_info = (0, 0, 0)
     sys.modules.update({"IPython": package, "IPython.display": display})
 
 
@@ -50,7 +47,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    ipython_stub(figures, Path(args.notebook).stem)
+    ipython_stub()
     overrides = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.overrides)}
     namespace: dict = {"__name__": "__main__"}
     cells = [c for c in json.loads(Path(args.notebook).read_text())["cells"] if c["cell_type"] == "code"]
