@@ -69,10 +69,10 @@ def run_name(arm: str, seed: int, seeds: list[int]) -> str:
     return arm if len(seeds) == 1 else f"{arm}-seed{seed}"
 
 
-def arm_flags(cfg: CompareConfig, arm: str, seed: int, run_name: str) -> list[str]:
+def arm_flags(cfg: CompareConfig, arm: str, seed: int, name: str) -> list[str]:
     """The `train` command line for one arm: the shared settings plus the arm's own."""
     values = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
-    values.update(ARMS[arm], seed=seed, run_name=run_name, merge=False)
+    values.update(ARMS[arm], seed=seed, run_name=name, merge=False)
     flags = []
     for name, value in values.items():
         if value is None:
