@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from pathlib import Path
 
 from gemma_qlora.errors import UserError
 from gemma_qlora.train import newest_checkpoint, train
@@ -115,3 +116,26 @@ def test_token_never_written_or_printed(tiny_model, quotes_file, tmp_path):
     assert len(written) > 5
     for text in [done.stdout, done.stderr, gated.stdout, gated.stderr] + [p.read_bytes().decode("latin-1") for p in written]:
         assert token not in text
+
+
+def test_out_of_memory_is_explained_and_keeps_what_was_written(fast_cfg, monkeypatch):
+    """A CUDA OOM mid-training (raised here: CI has no GPU) becomes advice naming the run and
+    its settings; checkpoints written before it stay."""
+    import torch
+    from trl import SFTTrainer
+
+    real_train = SFTTrainer.train
+
+    def train_then_oom(self, *args, **kwargs):
+        self.args.max_steps = 2
+        real_train(self, *args, **kwargs)  # writes checkpoint-2
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(SFTTrainer, "train", train_then_oom)
+    cfg = fast_cfg(bits=8, batch_size=4, save_steps=2)
+    with pytest.raises(UserError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert "Out of GPU memory in run 8bit" in message and "micro-batch 4 x 128" in message
+    assert "--batch_size 2" in message and "--bits 4" in message and "--auto_batch_size true" in message
+    assert newest_checkpoint(Path(cfg.output_dir) / "8bit" / "checkpoints").endswith("checkpoint-2")
