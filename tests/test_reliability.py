@@ -6,9 +6,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from gemma_qlora.errors import UserError
 from gemma_qlora.train import newest_checkpoint, train
