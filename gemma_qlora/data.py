@@ -68,9 +68,9 @@ def load_quotes(
             f"Dataset {name} has no column {', '.join(map(repr, missing))} (it has {data.column_names}): "
             "use --quote_column/--author_column to name the right ones."
         )
-    data = data.select_columns([quote_column, author_column]).rename_columns(
-        {quote_column: "quote", author_column: "author"} if quote_column != "quote" or author_column != "author" else {}
-    )
+    data = data.select_columns([quote_column, author_column])
+    if (quote_column, author_column) != ("quote", "author"):
+        data = data.rename_columns({quote_column: "quote", author_column: "author"})
     data = data.filter(lambda r: bool(r["quote"] and r["author"] and r["quote"].strip() and r["author"].strip()))
     if len(data) < 2:
         raise UserError(f"Dataset {name} has {len(data)} usable quote/author rows: it needs at least 2 (one to train, one to evaluate).")

@@ -32,7 +32,8 @@ def hf_token() -> str | None:
 
 
 def looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1) or Path(name).exists()
+    """A hub id is `owner/name`: one slash at most and no leading `.`, `/` or `~`."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
 def resolve_model(name: str) -> str:
