@@ -16,6 +16,9 @@ Arms:
     pkg-4bit, pkg-8bit, pkg-16bit    gemma_qlora load_model + attach_lora + make_trainer at the
                                      package's defaults (TrainConfig: 8 x 512 packed)
     unsloth-4bit                     optional: only where `import unsloth` works
+    pkg-4bit-peft-prepare,           the ablation, only when named: pkg-4bit with one choice undone
+    pkg-4bit-no-checkpointing,       (PEFT's fp32-copying preparation / no gradient checkpointing /
+    pkg-4bit-unpacked                padded batches of 8 quotes instead of packing)
 
 Usage:
     python bench/bench.py                                  # Gemma-2B shape, random weights, all arms
@@ -57,6 +60,15 @@ ARMS = {
     "pkg-16bit": 16,
     "unsloth-4bit": 4,
 }
+# The ablation: the package's 4-bit arm with one of its choices undone. Run only when named in
+# --arms (e.g. --arms plain-4bit,pkg-4bit,pkg-4bit-peft-prepare,pkg-4bit-no-checkpointing).
+LEVERS = {
+    "pkg-4bit-peft-prepare": {"lean_prepare": False},  # PEFT's prepare_model_for_kbit_training (fp32 copy)
+    "pkg-4bit-no-checkpointing": {"gradient_checkpointing": False},
+    "pkg-4bit-unpacked": {"packing": False},  # padded batches of 8 quotes instead of 8 x 512 packed
+}
+ARMS.update({arm: 4 for arm in LEVERS})
+DEFAULT_ARMS = ",".join(arm for arm in ARMS if arm not in LEVERS)
 REF = {4: "plain-4bit", 8: "plain-8bit", 16: "plain-4bit"}
 OLD = {4: "plain-4bit-old", 8: "plain-8bit-old", 16: "plain-4bit-old"}
 
@@ -83,7 +95,7 @@ TOKENIZER_VOCAB = 8000  # byte-level BPE on the quotes: about 3.7 characters a t
 @dataclass
 class Settings:
     shape: str = "2b"  # 2b | 270m | tiny | a checkpoint folder
-    arms: str = ",".join(ARMS)
+    arms: str = DEFAULT_ARMS
     warmup: int = 5  # optimizer steps left out of the speed figures
     steps: int = 30  # timed optimizer steps after the warm-up
     out: str = "results/bench"
@@ -100,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("Usage:")[1])
     p.add_argument("--shape", default=Settings.shape, help="2b (Gemma-2B), 270m (Gemma 3 270M), tiny (CPU tests), or a checkpoint folder")
-    p.add_argument("--arms", default=Settings.arms, help=f"comma list, default all: {Settings.arms}")
+    p.add_argument("--arms", default=Settings.arms, help=f"comma list, default: {Settings.arms}; ablation: {', '.join(LEVERS)}")
     p.add_argument("--warmup", type=int, default=Settings.warmup, help="warm-up optimizer steps, not timed")
     p.add_argument("--steps", type=int, default=Settings.steps, help="timed optimizer steps after the warm-up")
     p.add_argument("--out", default=Settings.out, help="folder for bench.json, bench.md and the arms' logs")
@@ -523,6 +535,7 @@ def build_pkg(arm: str, s: Settings, records: list[dict], recorder, timer):
     cfg = TrainConfig(
         model=s.model_dir, bits=ARMS[arm], steps=max_steps, logging_steps=1, eval_steps=max_steps + 1, seed=s.seed,
         force_fp16=s.fp16, gpu_memory_gib=s.gpu_memory_gib, output_dir=str(Path(s.out) / "arms"), run_name=arm,
+        **LEVERS.get(arm, {}),
     )
     precision = detect_precision(force_fp16=cfg.force_fp16)
     with recorder.phase("load"):
@@ -627,7 +640,8 @@ def measure_arm(arm: str, s: Settings, result: dict) -> None:
         attention=getattr(model.config, "_attn_implementation", None),
         gradient_checkpointing=args.gradient_checkpointing,
         kbit_preparation=("none (16-bit)" if ARMS[arm] == 16 else "unsloth" if arm.startswith("unsloth")
-                          else "gemma_qlora lean (no fp32 copy)" if arm.startswith("pkg") else "prepare_model_for_kbit_training"),
+                          else "gemma_qlora lean (no fp32 copy)" if arm.startswith("pkg") and LEVERS.get(arm, {}).get("lean_prepare", True)
+                          else "prepare_model_for_kbit_training"),
         trainable_parameters=model.get_nb_trainable_parameters()[0],
         epoch_examples=len(records),
         epoch_sequences=len(lengths),
