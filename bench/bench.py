@@ -614,7 +614,9 @@ def measure_arm(arm: str, s: Settings, result: dict) -> None:
         result.update(gpu=props.name, gpu_total_gib=props.total_memory / GIB, compute_capability=f"{props.major}.{props.minor}",
                       cuda=torch.version.cuda)
         if s.gpu_memory_gib:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, s.gpu_memory_gib * GIB / props.total_memory))
+            from gemma_qlora.quant import cap_gpu_memory
+
+            cap_gpu_memory(s.gpu_memory_gib)
     recorder, timer = MemoryRecorder(), StepTimer()  # NVML sampled every 0.1 s in a thread (RSS on CPU)
     gpu = recorder.record.kind == "nvml"
     records = load_fortunes()

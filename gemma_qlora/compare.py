@@ -160,9 +160,7 @@ def compare(cfg: CompareConfig) -> dict:
                 raise UserError(f"Arm {name} failed (exit {done.returncode}); the runs before it are kept in {out}.")
 
     names = [run_name(arm, seed, cfg.seeds) for arm, seed in jobs]
-    result = report(ReportConfig(str(out), cfg.model if cfg.quant_error else None), names)
-    result["wall_seconds"] = time.perf_counter() - started
-    (out / "comparison.json").write_text(json.dumps(result, indent=2))
+    result = report(ReportConfig(str(out), cfg.model if cfg.quant_error else None), names, time.perf_counter() - started)
     print(f"All arms in {result['wall_seconds'] / 60:.1f} min; results in {out}/")
     return result
 
@@ -175,10 +173,10 @@ class ReportConfig:
     )
 
 
-def report(cfg: ReportConfig, names: list[str] | None = None) -> dict:
+def report(cfg: ReportConfig, names: list[str] | None = None, wall_seconds: float | None = None) -> dict:
     """Summarise the run folders under `cfg.folder` (or just `names`): comparison.json,
-    comparison.md and the plots. `compare` ends with this; on its own it summarises runs
-    made elsewhere or cut short.
+    comparison.md and the plots. `compare` ends with this (passing how long its arms took);
+    on its own it summarises runs made elsewhere or cut short.
     """
     out = Path(cfg.folder)
     runs: dict[str, list[dict]] = {}
@@ -200,6 +198,7 @@ def report(cfg: ReportConfig, names: list[str] | None = None) -> dict:
         "seeds": {arm: [r["config"]["seed"] for r in arm_runs] for arm, arm_runs in runs.items()},
         "versions": first["versions"],
         "memory_kind": first["memory"]["label"],
+        "wall_seconds": wall_seconds,
         "arms": summary,
     }
     if cfg.quant_error_model:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import PreTrainedModel
 
@@ -58,8 +60,6 @@ def parameter_counts(model) -> dict[str, int | float]:
 
 def load_adapter(model: PreTrainedModel, path: str) -> PeftModel:
     """A saved adapter onto a freshly loaded base, with a clear error for a broken folder."""
-    from pathlib import Path
-
     folder = Path(path)
     if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise UserError(f"{path} is not a saved adapter (adapter_config.json and adapter_model.safetensors expected): point to a run's adapter/ folder.")

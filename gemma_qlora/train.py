@@ -32,7 +32,7 @@ from gemma_qlora.evaluate import attributable, author_accuracy, generate
 from gemma_qlora.lora import attach_lora, parameter_counts
 from gemma_qlora.memory import GIB, MemoryRecord, MemoryRecorder
 from gemma_qlora.model import load_model
-from gemma_qlora.quant import Precision, detect_precision
+from gemma_qlora.quant import Precision, cap_gpu_memory, detect_precision
 
 # bitsandbytes logs a line for every int8 matmul whose inputs are not fp16 (bf16 GPUs, CPU).
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda record: "will be cast" not in record.getMessage())
@@ -197,8 +197,7 @@ def train(cfg: TrainConfig) -> dict:
     """
     precision = detect_precision(force_fp16=cfg.force_fp16)
     if cfg.gpu_memory_gib and precision.device == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory / GIB
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_gib / total))
+        cap_gpu_memory(cfg.gpu_memory_gib)
     run_dir = prepare_run_dir(cfg)
     set_seed(cfg.seed)
     recorder = MemoryRecorder()
@@ -248,10 +247,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.author_eval:
             metrics["authors_after"] = authors_check(model, tokenizer, quotes, cfg.author_eval)
 
-    metrics.update(training_metrics(trainer, timer, cfg))
-    metrics["perplexity"] = math.exp(metrics["eval_loss"])
-    metrics["perplexity_before"] = math.exp(metrics["eval_before"])
-    metrics["eval_history"].insert(0, {"step": 0, "eval_loss": metrics["eval_before"]})
+    metrics.update(training_metrics(trainer, timer, cfg, metrics["eval_before"]))
 
     save_adapter(model, run_dir / "adapter")
     if cfg.merge:
@@ -264,11 +260,13 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def training_metrics(trainer: SFTTrainer, timer: StepTimer, cfg: TrainConfig) -> dict:
-    """Loss curves and speed from the trainer's log and the step timer."""
+def training_metrics(trainer: SFTTrainer, timer: StepTimer, cfg: TrainConfig, eval_before: float) -> dict:
+    """Loss curves, perplexity and speed from the trainer's log (whose last eval is the
+    final one) and the step timer; `eval_before` is the held-out loss before training."""
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
-    evals = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
+    evals = [{"step": 0, "eval_loss": eval_before}]
+    evals += [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
     evals = [e for i, e in enumerate(evals) if i == 0 or e["step"] != evals[i - 1]["step"]]
     tokens = int(trainer.state.num_input_tokens_seen)
     seconds = timer.steps[-1][1] - timer.steps[0][1] if len(timer.steps) > 1 else None
@@ -281,6 +279,8 @@ def training_metrics(trainer: SFTTrainer, timer: StepTimer, cfg: TrainConfig) ->
         "tokens_per_second": tokens / sum(h.get("train_runtime", 0) for h in history if "train_runtime" in h),
         "steady_tokens_per_second": timer.tokens_per_second(warmup=min(5, cfg.steps // 5)),
         "step_seconds": seconds / (len(timer.steps) - 1) if seconds else None,
+        "perplexity_before": math.exp(eval_before),
+        "perplexity": math.exp(evals[-1]["eval_loss"]),
     }
 
 
