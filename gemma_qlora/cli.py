@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             from gemma_qlora.train import train
 
             metrics = train(parse(TrainConfig, rest))
-            print(f"eval loss {metrics['eval_before']:.3f} -> {metrics['eval_loss']:.3f}; run folder written.")
+            if metrics:  # empty on the other ranks of a multi-GPU launch
+                print(f"eval loss {metrics['eval_before']:.3f} -> {metrics['eval_loss']:.3f}; run folder written.")
         elif command == "compare":
             from gemma_qlora.compare import CompareConfig, compare
 

@@ -99,7 +99,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.output_dir).expanduser() / cfg.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # per process: ranks of one launch share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
@@ -190,12 +190,22 @@ def authors_check(model, tokenizer, quotes, n: int) -> dict:
     return author_accuracy(model, tokenizer, records)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch`/`torchrun` job, or a plain single process."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one arm end to end and return its metrics (also written to metrics.json).
 
-    The notebooks call the same steps one cell at a time.
+    The notebooks call the same steps one cell at a time. Under `accelerate launch` every
+    process trains (the Trainer averages gradients, or shards under FSDP) and evaluates;
+    only rank 0 generates, saves and writes files.
     """
     precision = detect_precision(force_fp16=cfg.force_fp16)
+    if precision.device == "cuda" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before the memory recorder picks its GPU
+    main = is_main_process()
     if cfg.gpu_memory_gib and precision.device == "cuda":
         cap_gpu_memory(cfg.gpu_memory_gib)
     run_dir = prepare_run_dir(cfg)
@@ -215,10 +225,12 @@ def train(cfg: TrainConfig) -> dict:
     metrics["model_footprint_gib"] = model.get_memory_footprint() / GIB
     metrics["model_type"] = model.config.model_type
 
-    with recorder.phase("generate_before"):
-        before = generate(model, tokenizer, PROMPTS, cfg.max_new_tokens)
-        if cfg.author_eval:
-            metrics["authors_before"] = authors_check(model, tokenizer, quotes, cfg.author_eval)
+    before = []
+    if main:
+        with recorder.phase("generate_before"):
+            before = generate(model, tokenizer, PROMPTS, cfg.max_new_tokens)
+            if cfg.author_eval:
+                metrics["authors_before"] = authors_check(model, tokenizer, quotes, cfg.author_eval)
 
     with recorder.phase("prepare"):  # LoRA, and TRL formatting/tokenizing/packing the data
         model = attach_lora(
@@ -242,14 +254,25 @@ def train(cfg: TrainConfig) -> dict:
     metrics["resumed_from"] = checkpoint
     with recorder.phase("eval_after"):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    with recorder.phase("generate_after"):
-        after = generate(model, tokenizer, PROMPTS, cfg.max_new_tokens)
-        if cfg.author_eval:
-            metrics["authors_after"] = authors_check(model, tokenizer, quotes, cfg.author_eval)
+    if trainer.is_fsdp_enabled:
+        # FSDP holds a shard of the model per GPU: the Trainer gathers the adapter for saving
+        trainer.save_model(str(run_dir / "adapter"))
+        if not main:
+            recorder.stop()
+            return {}
+        after = ["(not generated: FSDP shards the model)"] * len(PROMPTS)
+    else:
+        if not main:
+            recorder.stop()
+            return {}
+        with recorder.phase("generate_after"):
+            after = generate(model, tokenizer, PROMPTS, cfg.max_new_tokens)
+            if cfg.author_eval:
+                metrics["authors_after"] = authors_check(model, tokenizer, quotes, cfg.author_eval)
+        save_adapter(model, run_dir / "adapter")
 
     metrics.update(training_metrics(trainer, timer, cfg, metrics["eval_before"]))
-
-    save_adapter(model, run_dir / "adapter")
+    metrics["processes"] = trainer.args.world_size
     if cfg.merge:
         merged = model.merge_and_unload()
         save_adapter(merged, run_dir / "merged")

@@ -182,3 +182,24 @@ def test_accelerate_launch_runs_the_train_command(tiny_model, quotes_file, tmp_p
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "4bit" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_two_processes_train_data_parallel_and_only_rank_0_writes(tiny_model, quotes_file, tmp_path):
+    """Two CPU processes (gloo): DDP averages gradients, both ranks count tokens, and only rank 0
+    generates and writes: one metrics.json, one adapter, no stray probe files. torchrun, since
+    `accelerate launch --cpu` starts one process; on GPUs `accelerate launch --multi_gpu` starts
+    the same torch.distributed workers."""
+    out = tmp_path / "runs"
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "gemma_qlora", "train", "--model", tiny_model, "--data", quotes_file,
+           "--steps", "2", "--batch_size", "2", "--max_seq_length", "64", "--eval_size", "4", "--max_new_tokens", "2",
+           "--logging_steps", "1", "--output_dir", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder written") == 1
+    run = out / "4bit"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 2
+    # tokens seen are summed over both ranks: 2 steps x 2 ranks x 2 sequences of at most 64 tokens
+    assert 2 * 2 * 2 * 64 >= metrics["train_tokens"] > 2 * 2 * 64
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "generations.json", "metrics.json"]
