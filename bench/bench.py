@@ -16,9 +16,13 @@ Arms:
     pkg-4bit, pkg-8bit, pkg-16bit    gemma_qlora load_model + attach_lora + make_trainer at the
                                      package's defaults (TrainConfig: 8 x 512 packed)
     unsloth-4bit                     optional: only where `import unsloth` works
-    pkg-4bit-peft-prepare,           the ablation, only when named: pkg-4bit with one choice undone
-    pkg-4bit-no-checkpointing,       (PEFT's fp32-copying preparation / no gradient checkpointing /
-    pkg-4bit-unpacked                padded batches of 8 quotes instead of packing)
+    pkg-4bit-<lever>                 the ablation, only when named: pkg-4bit with one setting changed
+                                     (LEVERS below: PEFT's preparation, no checkpointing, unpacked,
+                                     no LoRA dropout, Liger kernels, torch.compile, 16 x 512)
+
+With --profile N, each arm runs N more steps under torch.profiler after the timed ones (they do
+not count in the speed figures) and writes <out>/arms/<arm>.profile.txt: the GPU's busy share of
+those steps and the kernels that took the time.
 
 Usage:
     python bench/bench.py                                  # Gemma-2B shape, random weights, all arms
@@ -26,6 +30,7 @@ Usage:
     python bench/bench.py --shape /models/gemma-2b         # a real checkpoint folder
     python bench/bench.py --fp16 --gpu-memory-gib 15       # T4 emulation on a bigger GPU
     python bench/bench.py --shape tiny --steps 3 --warmup 1  # CPU smoke test
+    python bench/bench.py --arms plain-4bit,pkg-4bit --profile 3  # where the time goes
 """
 
 from __future__ import annotations
@@ -60,12 +65,16 @@ ARMS = {
     "pkg-16bit": 16,
     "unsloth-4bit": 4,
 }
-# The ablation: the package's 4-bit arm with one of its choices undone. Run only when named in
-# --arms (e.g. --arms plain-4bit,pkg-4bit,pkg-4bit-peft-prepare,pkg-4bit-no-checkpointing).
+# The ablation: the package's 4-bit arm with one setting changed (TrainConfig fields). Run only when
+# named in --arms (e.g. --arms plain-4bit,pkg-4bit,pkg-4bit-peft-prepare,pkg-4bit-liger).
 LEVERS = {
     "pkg-4bit-peft-prepare": {"lean_prepare": False},  # PEFT's prepare_model_for_kbit_training (fp32 copy)
     "pkg-4bit-no-checkpointing": {"gradient_checkpointing": False},
     "pkg-4bit-unpacked": {"packing": False},  # padded batches of 8 quotes instead of 8 x 512 packed
+    "pkg-4bit-no-dropout": {"lora_dropout": 0.0},  # PEFT then skips the dropout copy of each LoRA input
+    "pkg-4bit-liger": {"liger_kernel": True},  # Liger's RMSNorm, GeGLU and RoPE kernels
+    "pkg-4bit-compile": {"torch_compile": True},
+    "pkg-4bit-16x512": {"batch_size": 16},  # micro-batch sizing: twice the tokens per step
 }
 ARMS.update({arm: 4 for arm in LEVERS})
 DEFAULT_ARMS = ",".join(arm for arm in ARMS if arm not in LEVERS)
@@ -104,6 +113,7 @@ class Settings:
     cache: str = "~/.cache/gemma_qlora_bench"  # where random-weight models are built once
     seed: int = 42
     timeout: int = 1800  # seconds one arm may take before it is killed and marked so
+    profile: int = 0  # steps profiled after the timed ones (0: none)
     worker: str | None = None  # internal: run this one arm in this process
     model_dir: str | None = None  # internal: the model folder the parent prepared
 
@@ -121,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--cache", default=Settings.cache, help="folder for the random-weight models, built once per shape")
     p.add_argument("--seed", type=int, default=Settings.seed)
     p.add_argument("--timeout", type=int, default=Settings.timeout, help="seconds one arm may run")
+    p.add_argument("--profile", type=int, default=0, help="steps to profile after the timed ones (0: none)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     s = Settings(**vars(p.parse_args(argv)))
@@ -253,7 +264,7 @@ def run_arm(arm: str, s: Settings, model_dir: str, random_weights: bool) -> dict
         return {"arm": arm, "bits": ARMS[arm], "status": "skipped", "error": "unsloth is not installed"}
 
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", arm, "--model-dir", model_dir, "--out", s.out,
-           "--warmup", str(s.warmup), "--steps", str(s.steps), "--seed", str(s.seed)]
+           "--warmup", str(s.warmup), "--steps", str(s.steps), "--seed", str(s.seed), "--profile", str(s.profile)]
     if s.fp16:
         cmd.append("--fp16")
     if s.gpu_memory_gib:
@@ -473,7 +484,7 @@ def plain_sft_config(old: bool, s: Settings, dtype, output_dir: str):
         fp16=dtype == torch.float16,
         learning_rate=2e-4,
         warmup_steps=2,
-        max_steps=s.warmup + s.steps,
+        max_steps=s.warmup + s.steps + s.profile,
         logging_steps=1,
         seed=s.seed,
         save_strategy="no",
@@ -531,7 +542,7 @@ def build_pkg(arm: str, s: Settings, records: list[dict], recorder, timer):
     from gemma_qlora.quant import detect_precision
     from gemma_qlora.train import make_trainer
 
-    max_steps = s.warmup + s.steps
+    max_steps = s.warmup + s.steps + s.profile
     cfg = TrainConfig(
         model=s.model_dir, bits=ARMS[arm], steps=max_steps, logging_steps=1, eval_steps=max_steps + 1, seed=s.seed,
         force_fp16=s.fp16, gpu_memory_gib=s.gpu_memory_gib, output_dir=str(Path(s.out) / "arms"), run_name=arm,
@@ -569,11 +580,12 @@ def build_unsloth(arm: str, s: Settings, records: list[dict], recorder, timer):
     )
 
 
-def steady_speed(steps: list[tuple[int, float, int]], warmup: int) -> dict:
+def steady_speed(steps: list[tuple[int, float, int]], warmup: int, last: int | None = None) -> dict:
     """Speed over the timed steps. `steps` holds (optimizer step, time, non-pad tokens seen so far)
     at the end of every step; the clock starts at the end of step `warmup`, so kernel autotuning,
-    allocator growth and the optimizer's first allocations stay out of the figure."""
-    timed = [step for step in steps if step[0] >= warmup]
+    allocator growth and the optimizer's first allocations stay out of the figure, and stops at the
+    end of step `last` (the profiled steps after it run slower)."""
+    timed = [step for step in steps if step[0] >= warmup and (last is None or step[0] <= last)]
     if len(timed) < 2:
         return {"tokens_per_second": None, "step_seconds_median": None, "timed_steps": 0, "timed_tokens": 0}
     (_, t0, n0), (_, t1, n1) = timed[0], timed[-1]
@@ -583,6 +595,45 @@ def steady_speed(steps: list[tuple[int, float, int]], warmup: int) -> dict:
         "timed_steps": len(timed) - 1,
         "timed_tokens": n1 - n0,
     }
+
+
+def make_profiler_callback(first_step: int, steps: int, path: Path):
+    """A TrainerCallback that profiles optimizer steps first_step+1 .. first_step+steps and writes
+    the GPU's busy share of them and the top kernels to `path`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class ProfileSteps(TrainerCallback):
+        def __init__(self):
+            self.profiler, self.start = None, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first_step and self.profiler is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                    torch.cuda.synchronize()
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is None or state.global_step != first_step + steps:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.start
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            head = f"{steps} profiled steps: wall {wall:.3f} s"
+            if torch.cuda.is_available():
+                head += f", GPU kernels {device_us / 1e6:.3f} s (busy {100 * device_us / 1e6 / wall:.0f} %)"
+            sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            path.write_text(head + "\n\n" + events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
+            self.profiler = None
+
+    return ProfileSteps()
 
 
 def measure_arm(arm: str, s: Settings, result: dict) -> None:
@@ -624,6 +675,8 @@ def measure_arm(arm: str, s: Settings, result: dict) -> None:
     build = {"plain": build_plain, "pkg": build_pkg, "unsloth": build_unsloth}[arm.split("-")[0]]
     t0 = time.perf_counter()
     trainer = build(arm, s, records, recorder, timer)
+    if s.profile:
+        trainer.add_callback(make_profiler_callback(s.warmup + s.steps, s.profile, Path(s.out) / "arms" / f"{arm}.profile.txt"))
     load = recorder.record.phases[0]
     result["load_seconds"] = load.end_s - load.start_s
     result["setup_seconds"] = time.perf_counter() - t0 - result["load_seconds"]
@@ -663,8 +716,8 @@ def measure_arm(arm: str, s: Settings, result: dict) -> None:
         )
         recorder.stop()
     result["train_seconds"] = train.end_s - train.start_s
-    result.update(steady_speed(timer.steps, s.warmup))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result.update(steady_speed(timer.steps, s.warmup, last=s.warmup + s.steps))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] <= s.warmup + s.steps]
     result["losses"] = losses
     result["final_loss"] = statistics.fmean(losses[-5:]) if losses else None
     if result["tokens_per_second"]:

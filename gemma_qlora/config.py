@@ -57,6 +57,11 @@ class TrainConfig:
         default=True,
         metadata={"help": "Skip PEFT's fp32 copy of frozen weights (1 GB less for Gemma 2B); false: prepare_model_for_kbit_training."},
     )
+    liger_kernel: bool = field(
+        default=False,
+        metadata={"help": "Liger's fused Triton kernels for RMSNorm, GeGLU and RoPE (through TRL); needs liger-kernel and a GPU."},
+    )
+    torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile (the Trainer's)."})
     auto_batch_size: bool = field(
         default=False, metadata={"help": "On out-of-memory, halve the micro-batch and go on (accelerate's finder)."}
     )
@@ -89,6 +94,8 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        from importlib.util import find_spec
+
         from gemma_qlora.errors import UserError
         from gemma_qlora.quant import ALLOWED_BITS, ALLOWED_QUANT_TYPES
 
@@ -108,6 +115,8 @@ class TrainConfig:
             problems.append(f"--lora_dropout must be in [0, 1), not {self.lora_dropout}")
         if not self.lora_targets:
             problems.append("--lora_targets must name at least one module")
+        if self.liger_kernel and find_spec("liger_kernel") is None:
+            problems.append("--liger_kernel needs the liger-kernel package (pip install liger-kernel) and a CUDA GPU")
         if self.merge and self.bits != 16:
             problems.append("--merge only applies to --bits 16 (merging into quantized weights loses the adapter's precision)")
         if problems:

@@ -89,6 +89,8 @@ def sft_config(cfg: TrainConfig, precision: Precision, output_dir: Path) -> SFTC
         save_steps=cfg.save_steps or 500,
         save_total_limit=2,
         auto_find_batch_size=cfg.auto_batch_size,
+        use_liger_kernel=cfg.liger_kernel,
+        torch_compile=cfg.torch_compile,
         include_num_input_tokens_seen="non_padding",
         report_to=cfg.report_to,
         use_cpu=precision.device == "cpu",

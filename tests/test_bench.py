@@ -13,7 +13,7 @@ ARMS = ["plain-4bit", "pkg-4bit", "plain-8bit-old", "pkg-4bit-peft-prepare"]
 def test_bench_tiny_shape_on_cpu(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, str(BENCH), "--shape", "tiny", "--steps", "3", "--warmup", "1", "--arms", ",".join(ARMS),
-           "--out", str(out), "--cache", str(tmp_path / "cache")]
+           "--out", str(out), "--cache", str(tmp_path / "cache"), "--profile", "1"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     seconds = time.perf_counter() - t0
@@ -29,6 +29,9 @@ def test_bench_tiny_shape_on_cpu(tmp_path):
         assert arm["epoch_seconds"] > 0 and arm["epoch_tokens"] > 0
         assert arm["final_loss"] is not None
         assert arm["allocated_peak_gib"] is None  # no GPU: no made-up GPU figures
+        # the profiled step runs after the timed ones and is left out of them
+        assert "1 profiled steps: wall" in (out / "arms" / f"{arm['arm']}.profile.txt").read_text()
+        assert len(arm["losses"]) == 1 + 3
     by_arm = {a["arm"]: a for a in report["arms"]}
     assert by_arm["plain-8bit-old"]["batch_size"] == 1 and by_arm["plain-8bit-old"]["grad_accum"] == 4
     assert by_arm["plain-4bit"]["batch_size"] == 8 and by_arm["plain-4bit"]["packing"]
