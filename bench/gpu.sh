@@ -51,7 +51,7 @@ notebooks)  # both notebooks on the embedded Gemma, 4-bit first (the 8-bit one p
 quality)  # finish the quality run: ARMS (space-separated) over seeds 1 2 3, keeping the runs in /root/r/q
   mkdir -p /root/r/q
   for f in bench/results/h200-quality/*-seed?.metrics.json; do
-    name=$(basename "$f" .metrics.json); mkdir -p /root/r/q/$name; cp -n "$f" /root/r/q/$name/metrics.json
+    name=$(basename "$f" .metrics.json); mkdir -p /root/r/q/$name; [ -f /root/r/q/$name/metrics.json ] || cp "$f" /root/r/q/$name/metrics.json
   done
   timeout 540 python3 -m gemma_qlora compare --arms $ARMS --seeds 1 2 3 --reuse true --quant_error false --output_dir /root/r/q
   ;;
@@ -59,10 +59,10 @@ ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumul
   M=${MODEL:-/root/.cache/gemma_qlora_bench/2b-seed42}
   common="--model $M --data embedded --steps 30 --batch_size 8 --eval_size 64 --eval_steps 1000 --logging_steps 1 --max_new_tokens 8 --output_dir /root/r/ddp"
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m gemma_qlora train $common --grad_accum 2 --run_name 1gpu > /root/r/ddp-1gpu.log 2>&1 || echo "1gpu failed"
-  timeout 200 accelerate launch --multi_gpu --num_processes 2 -m gemma_qlora train $common --grad_accum 1 --run_name 2gpu > /root/r/ddp-2gpu.log 2>&1 || echo "2gpu failed"
-  timeout 200 accelerate launch --config_file gemma_qlora/fsdp_qlora.yaml --num_processes 2 -m gemma_qlora train $common \
+  timeout 200 python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 -m gemma_qlora train $common --grad_accum 1 --run_name 2gpu > /root/r/ddp-2gpu.log 2>&1 || echo "2gpu failed"
+  timeout 200 python3 -m accelerate.commands.launch --config_file gemma_qlora/fsdp_qlora.yaml --num_processes 2 -m gemma_qlora train $common \
     --grad_accum 1 --quant_storage bfloat16 --run_name fsdp > /root/r/fsdp.log 2>&1 || { echo "fsdp (FSDP1) failed";
-  timeout 200 accelerate launch --config_file gemma_qlora/fsdp_qlora.yaml --fsdp_version 2 --num_processes 2 -m gemma_qlora train $common \
+  timeout 200 python3 -m accelerate.commands.launch --config_file gemma_qlora/fsdp_qlora.yaml --fsdp_version 2 --num_processes 2 -m gemma_qlora train $common \
     --grad_accum 1 --quant_storage bfloat16 --run_name fsdp2 > /root/r/fsdp2.log 2>&1 || echo "fsdp2 failed"; }
   ;;
 pack)  # everything under /root/r into one tarball that comes back
