@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics = train(parse(TrainConfig, rest))
             if metrics:  # empty on the other ranks of a multi-GPU launch
-                print(f"eval loss {metrics['eval_before']:.3f} -> {metrics['eval_loss']:.3f}; run folder written.")
+                before = "n/a" if metrics["eval_before"] is None else f"{metrics['eval_before']:.3f}"
+                print(f"eval loss {before} -> {metrics['eval_loss']:.3f}; run folder written.")
         elif command == "compare":
             from gemma_qlora.compare import CompareConfig, compare
 

@@ -241,8 +241,13 @@ def train(cfg: TrainConfig) -> dict:
         timer = StepTimer()
         trainer = make_trainer(cfg, model, tokenizer, quotes, precision, callbacks=[timer])
     metrics["parameters"] = parameter_counts(model)
-    with recorder.phase("eval_before"):
-        metrics["eval_before"] = trainer.evaluate()["eval_loss"]
+    metrics["eval_before"] = None
+    if not trainer.is_fsdp_enabled:
+        # Under FSDP the Trainer must wrap model and optimizer together when training starts; an
+        # evaluate() first wraps the model alone and training then fails without an optimizer
+        # (seen with transformers 5.24 + accelerate 1.15, FSDP1 and FSDP2).
+        with recorder.phase("eval_before"):
+            metrics["eval_before"] = trainer.evaluate()["eval_loss"]
     t0 = time.perf_counter()
     checkpoint = newest_checkpoint(run_dir / "checkpoints") if cfg.resume else None
     if cfg.resume and checkpoint is None:
@@ -285,12 +290,13 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def training_metrics(trainer: SFTTrainer, timer: StepTimer, cfg: TrainConfig, eval_before: float) -> dict:
+def training_metrics(trainer: SFTTrainer, timer: StepTimer, cfg: TrainConfig, eval_before: float | None) -> dict:
     """Loss curves, perplexity and speed from the trainer's log (whose last eval is the
-    final one) and the step timer; `eval_before` is the held-out loss before training."""
+    final one) and the step timer; `eval_before` is the held-out loss before training (None
+    where it was not measured)."""
     history = trainer.state.log_history
     losses = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
-    evals = [{"step": 0, "eval_loss": eval_before}]
+    evals = [{"step": 0, "eval_loss": eval_before}] if eval_before is not None else []
     evals += [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
     evals = [e for i, e in enumerate(evals) if i == 0 or e["step"] != evals[i - 1]["step"]]
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -301,10 +307,11 @@ def training_metrics(trainer: SFTTrainer, timer: StepTimer, cfg: TrainConfig, ev
         "final_train_loss": losses[-1]["loss"] if losses else None,
         "steps": trainer.state.global_step,
         "train_tokens": tokens,
-        "tokens_per_second": tokens / sum(h.get("train_runtime", 0) for h in history if "train_runtime" in h),
+        # transformers logs the running train_runtime with every logged step: the last one is the run's
+        "tokens_per_second": tokens / next(h["train_runtime"] for h in reversed(history) if "train_runtime" in h),
         "steady_tokens_per_second": timer.tokens_per_second(warmup=min(5, cfg.steps // 5)),
         "step_seconds": seconds / (len(timer.steps) - 1) if seconds else None,
-        "perplexity_before": math.exp(eval_before),
+        "perplexity_before": math.exp(eval_before) if eval_before is not None else None,
         "perplexity": math.exp(evals[-1]["eval_loss"]),
     }
 
