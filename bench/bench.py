@@ -18,7 +18,8 @@ Arms:
     unsloth-4bit                     optional: only where `import unsloth` works
     pkg-4bit-<lever>                 the ablation, only when named: pkg-4bit with one setting changed
                                      (LEVERS below: PEFT's preparation, no checkpointing, unpacked,
-                                     no LoRA dropout, Liger kernels, torch.compile, 16 x 512)
+                                     no LoRA dropout, Liger kernels, torch.compile, 16 x 512,
+                                     fused AdamW)
 
 With --profile N, each arm runs N more steps under torch.profiler after the timed ones (they do
 not count in the speed figures) and writes <out>/arms/<arm>.profile.txt: the GPU's busy share of
@@ -75,6 +76,7 @@ LEVERS = {
     "pkg-4bit-liger": {"liger_kernel": True},  # Liger's RMSNorm, GeGLU and RoPE kernels
     "pkg-4bit-compile": {"torch_compile": True},
     "pkg-4bit-16x512": {"batch_size": 16},  # micro-batch sizing: twice the tokens per step
+    "pkg-4bit-fused-adamw": {"optim": "adamw_torch_fused"},  # one fused kernel, not paged 8-bit AdamW per tensor
 }
 ARMS.update({arm: 4 for arm in LEVERS})
 DEFAULT_ARMS = ",".join(arm for arm in ARMS if arm not in LEVERS)
@@ -114,6 +116,7 @@ class Settings:
     seed: int = 42
     timeout: int = 1800  # seconds one arm may take before it is killed and marked so
     profile: int = 0  # steps profiled after the timed ones (0: none)
+    replot: bool = False  # only redraw the plots of <out>/bench.json
     worker: str | None = None  # internal: run this one arm in this process
     model_dir: str | None = None  # internal: the model folder the parent prepared
 
@@ -132,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--seed", type=int, default=Settings.seed)
     p.add_argument("--timeout", type=int, default=Settings.timeout, help="seconds one arm may run")
     p.add_argument("--profile", type=int, default=0, help="steps to profile after the timed ones (0: none)")
+    p.add_argument("--replot", action="store_true", help="only redraw the plots from <out>/bench.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     s = Settings(**vars(p.parse_args(argv)))
@@ -407,6 +411,50 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_plots(report: dict, out: Path) -> None:
+    """bench_speed.png (tokens/s per arm) and bench_memory.png (allocator and NVML peaks per arm),
+    titled with the GPU, the model and the library versions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in report["arms"] if a["status"] == "ok"]
+    if not arms:
+        return
+    env, model = report["environment"], report["model"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k in ("torch", "transformers", "peft", "trl", "bitsandbytes"))
+    weights = "random weights" if model["random_weights"] else "real weights"
+    title = f"{model['shape']} shape ({weights}) on {env['gpu'] or 'CPU'}" + (" (--fp16)" if report["settings"]["fp16"] else "")
+    names = [a["arm"] for a in arms]
+    colors = ["#999999" if n.startswith("plain") else "#1f4e79" if n.startswith("pkg") else "#b5651d" for n in names]
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(arms) + 2), 4.5))
+    bars = ax.bar(names, [a["tokens_per_second"] for a in arms], color=colors)
+    ax.bar_label(bars, labels=[f"{a['tokens_per_second']:,.0f}" for a in arms], fontsize=8)
+    ax.set_ylabel("training tokens/s (non-pad)")
+    ax.set_title(f"Speed: {title}\n{versions}", fontsize=9)
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench_speed.png", dpi=120)
+    plt.close(fig)
+
+    if arms[0].get("allocated_peak_gib") is None:
+        return  # CPU: no GPU memory to draw
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(arms) + 2), 4.5))
+    x = range(len(arms))
+    for offset, key, label, color in ((-0.2, "allocated_peak_gib", "allocator peak", "#1f4e79"), (0.2, "nvml_peak_gib", "NVML peak", "#9dc3e6")):
+        bars = ax.bar([i + offset for i in x], [a[key] for a in arms], width=0.4, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{a[key]:.1f}" for a in arms], fontsize=8)
+    ax.set_xticks(list(x), names, rotation=30, fontsize=8)
+    ax.set_ylabel("GPU memory while training, GiB")
+    ax.set_title(f"Memory: {title}\n{versions}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench_memory.png", dpi=120)
+    plt.close(fig)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -436,6 +484,7 @@ def main_parent(s: Settings) -> int:
             where = f" (log: {result['log']})" if result.get("log") else ""
             log(f"[{i}/{len(arms)}] {arm}: {result['status']}: {result.get('error', '')}{where}")
     print(write_report(report, out))
+    save_plots(report, out)
     log(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 1 if any(a["status"] in ("failed", "timeout") for a in report["arms"]) else 0
 
@@ -742,6 +791,9 @@ def main_worker(s: Settings) -> int:
 
 if __name__ == "__main__":
     settings = parse_args()
+    if settings.replot:
+        save_plots(json.loads((Path(settings.out) / "bench.json").read_text()), Path(settings.out))
+        sys.exit(0)
     if settings.worker:
         sys.exit(main_worker(settings))
     sys.exit(main_parent(settings))

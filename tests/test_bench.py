@@ -47,3 +47,5 @@ def test_bench_tiny_shape_on_cpu(tmp_path):
     assert [row.split("|")[1].strip() for row in rows] == ARMS
     assert "random weights" in table and "n/a" in table
     assert table in done.stdout  # the table is also printed
+    assert (out / "bench_speed.png").stat().st_size > 0
+    assert not (out / "bench_memory.png").exists()  # no GPU: no memory plot of made-up figures
