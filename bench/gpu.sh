@@ -9,6 +9,7 @@
 #                                (= bash bench/gpu.sh install; bash bench/gpu.sh materialise)
 #   bash bench/gpu.sh notebooks  run both notebooks (outputs in /root/r)
 #   ARMS="8bit 16bit" bash bench/gpu.sh quality    seeds 1-3 of those compare arms, reusing bench/results/h200-quality
+#   bash bench/gpu.sh levers     the lever arms not yet measured, alone on GPU 0
 #   bash bench/gpu.sh ddp        1 GPU vs 2 GPUs (DDP) and FSDP, on the bench's random Gemma-2B shape
 #   bash bench/gpu.sh pack       /root/r -> $OUT/r.tgz
 #   bash bench/gpu.sh CMD ...    any command, e.g. python3 bench/bench.py ...
@@ -54,6 +55,11 @@ quality)  # finish the quality run: ARMS (space-separated) over seeds 1 2 3, kee
     name=$(basename "$f" .metrics.json); mkdir -p /root/r/q/$name; [ -f /root/r/q/$name/metrics.json ] || cp "$f" /root/r/q/$name/metrics.json
   done
   timeout 540 python3 -m gemma_qlora compare --arms $ARMS --seeds 1 2 3 --reuse true --quant_error false --output_dir /root/r/q
+  ;;
+levers)  # the lever arms, alone on GPU 0, against plain-4bit and pkg-4bit in the same run (~6 min)
+  CUDA_VISIBLE_DEVICES=0 timeout 540 python3 bench/bench.py --steps 15 --timeout 150 --profile 3 --out /root/r/bench-levers2 \
+    --arms plain-4bit,pkg-4bit,pkg-4bit-16x512,pkg-4bit-fused-adamw,pkg-4bit-compile,pkg-4bit-no-checkpointing,pkg-4bit-peft-prepare \
+    > /root/r/bench-levers2.log 2>&1 || echo "levers run incomplete"
   ;;
 ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumulation 2 vs 2 GPUs; then FSDP
   M=${MODEL:-/root/.cache/gemma_qlora_bench/2b-seed42}

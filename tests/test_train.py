@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -119,6 +120,8 @@ def test_cli_train_writes_the_run_folder(tiny_model, quotes_file, tmp_path, bits
         (["--lora_r", "0"], "--lora_r must be a positive number"),
         (["--model", "/no/such/folder"], "does not exist"),
         (["--data", "/no/such/file.jsonl"], "does not exist"),
+        pytest.param(["--liger_kernel", "true"], "needs the liger-kernel package",
+                     marks=pytest.mark.skipif(find_spec("liger_kernel") is not None, reason="liger-kernel is installed")),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, message):
@@ -205,3 +208,22 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(tiny_model, qu
     assert 2 * 2 * 2 * 64 >= metrics["train_tokens"] > 2 * 2 * 64
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "generations.json", "metrics.json"]
+
+
+def test_fsdp_config_ships_with_the_package_and_follows_the_qlora_recipe():
+    """The accelerate config the README's FSDP command names: installed with the package,
+    parsed by accelerate itself, FSDP with every process quantizing its own copy and
+    frozen and trainable weights sharing wrapped units."""
+    from importlib.resources import files
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    path = files("gemma_qlora") / "fsdp_qlora.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == DistributedType.FSDP
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_use_orig_params"] and fsdp["fsdp_sync_module_states"]
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the adapter is gathered to be saved
+    assert not fsdp["fsdp_cpu_ram_efficient_loading"]  # load_model places each copy on its LOCAL_RANK GPU
+    assert config.mixed_precision == "no"  # the package's dtype choice (bf16, or fp16 on a T4) decides
