@@ -63,6 +63,7 @@ levers)  # the lever arms, alone on GPU 0, against plain-4bit and pkg-4bit in th
   ;;
 ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumulation 2 vs 2 GPUs; then FSDP
   M=${MODEL:-/root/.cache/gemma_qlora_bench/2b-seed42}
+  [ -d "$M" ] || python3 -c "import sys; sys.path.insert(0, 'bench'); import bench; bench.prepare_model(bench.parse_args([]))"  # ~2 min, once
   common="--model $M --data embedded --steps 30 --batch_size 8 --eval_size 64 --eval_steps 1000 --logging_steps 1 --max_new_tokens 8 --output_dir /root/r/ddp"
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m gemma_qlora train $common --grad_accum 2 --run_name 1gpu > /root/r/ddp-1gpu.log 2>&1 || echo "1gpu failed"
   timeout 200 python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 -m gemma_qlora train $common --grad_accum 1 --run_name 2gpu > /root/r/ddp-2gpu.log 2>&1 || echo "2gpu failed"
