@@ -262,16 +262,15 @@ def train(cfg: TrainConfig) -> dict:
     with recorder.phase("eval_after"):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     if trainer.is_fsdp_enabled:
-        # FSDP holds a shard of the model per GPU: the Trainer gathers the adapter for saving
+        # FSDP holds a shard of the model per GPU: every rank takes part while the Trainer
+        # gathers the adapter and rank 0 saves it
         trainer.save_model(str(run_dir / "adapter"))
-        if not main:
-            recorder.stop()
-            return {}
+    if not main:
+        recorder.stop()
+        return {}
+    if trainer.is_fsdp_enabled:
         after = ["(not generated: FSDP shards the model)"] * len(PROMPTS)
     else:
-        if not main:
-            recorder.stop()
-            return {}
         with recorder.phase("generate_after"):
             after = generate(model, tokenizer, PROMPTS, cfg.max_new_tokens)
             if cfg.author_eval:
