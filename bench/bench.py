@@ -495,14 +495,11 @@ def main_parent(s: Settings) -> int:
 
 
 def compute_dtype(force_fp16: bool):
-    """bf16 where the GPU has it natively, else fp16 (a T4); fp32 on CPU."""
-    import torch
+    """The package's hardware rule (bf16 GPU, fp16 T4, fp32 CPU): a fair baseline differs in
+    its recipe, not in the dtype it is given."""
+    from gemma_qlora.quant import detect_precision
 
-    if not torch.cuda.is_available():
-        return torch.float32
-    if torch.cuda.is_bf16_supported(including_emulation=False) and not force_fp16:
-        return torch.bfloat16
-    return torch.float16
+    return detect_precision(force_fp16=force_fp16).compute_dtype
 
 
 def quote_dataset(records: list[dict], eos_token: str):

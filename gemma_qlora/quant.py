@@ -47,7 +47,7 @@ def detect_precision(device: str | None = None, force_fp16: bool = False) -> Pre
 
 def cap_gpu_memory(gib: float) -> None:
     """Let this process use at most `gib` of GPU memory (15 emulates a T4's capacity, not its speed)."""
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 1024**3 / total))
 
 

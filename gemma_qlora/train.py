@@ -241,8 +241,9 @@ def train(cfg: TrainConfig) -> dict:
         timer = StepTimer()
         trainer = make_trainer(cfg, model, tokenizer, quotes, precision, callbacks=[timer])
     metrics["parameters"] = parameter_counts(model)
+    fsdp = trainer.is_fsdp_enabled
     metrics["eval_before"] = None
-    if not trainer.is_fsdp_enabled:
+    if not fsdp:
         # Under FSDP the Trainer must wrap model and optimizer together when training starts; an
         # evaluate() first wraps the model alone and training then fails without an optimizer
         # (seen with transformers 5.24 + accelerate 1.15, FSDP1 and FSDP2).
@@ -261,14 +262,14 @@ def train(cfg: TrainConfig) -> dict:
     metrics["resumed_from"] = checkpoint
     with recorder.phase("eval_after"):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    if trainer.is_fsdp_enabled:
+    if fsdp:
         # FSDP holds a shard of the model per GPU: every rank takes part while the Trainer
         # gathers the adapter and rank 0 saves it
         trainer.save_model(str(run_dir / "adapter"))
     if not main:
         recorder.stop()
         return {}
-    if trainer.is_fsdp_enabled:
+    if fsdp:
         after = ["(not generated: FSDP shards the model)"] * len(PROMPTS)
     else:
         with recorder.phase("generate_after"):

@@ -1,7 +1,6 @@
 """The real embedded Gemma 3 270M (from PyPI, no Hub): slow on CPU, so marked `slow`."""
 
 import pytest
-import torch
 
 from gemma_qlora.data import PROMPTS, load_quotes
 from gemma_qlora.evaluate import generate
