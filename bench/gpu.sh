@@ -10,12 +10,15 @@
 #   bash bench/gpu.sh notebooks  run both notebooks (outputs in /root/r)
 #   ARMS="8bit 16bit" bash bench/gpu.sh quality    seeds 1-3 of those compare arms, reusing bench/results/h200-quality
 #   bash bench/gpu.sh levers     the lever arms not yet measured, alone on GPU 0
-#   bash bench/gpu.sh ddp        1 GPU vs 2 GPUs (DDP) and FSDP, on the bench's random Gemma-2B shape
+#   bash bench/gpu.sh ddp        1 GPU vs 2 GPUs (DDP), on the bench's random Gemma-2B shape
+#   bash bench/gpu.sh fsdp       FSDP1 and FSDP2 on 2 GPUs, same model
 #   bash bench/gpu.sh pack       /root/r -> $OUT/r.tgz
 #   bash bench/gpu.sh CMD ...    any command, e.g. python3 bench/bench.py ...
 set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD GEMMA_QLORA_CACHE=/root/gemma_qlora_cache
 mkdir -p /root/r 2>/dev/null || true
+M2B=${MODEL:-/root/.cache/gemma_qlora_bench/2b-seed42}
+COMMON="--model $M2B --data embedded --steps 30 --batch_size 8 --eval_size 64 --eval_steps 1000 --logging_steps 1 --max_new_tokens 8 --output_dir /root/r/ddp"
 SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 
 case "$1" in
@@ -61,16 +64,20 @@ levers)  # the lever arms, alone on GPU 0, against plain-4bit and pkg-4bit in th
     --arms plain-4bit,pkg-4bit,pkg-4bit-16x512,pkg-4bit-fused-adamw,pkg-4bit-compile,pkg-4bit-no-checkpointing,pkg-4bit-peft-prepare \
     > /root/r/bench-levers2.log 2>&1 || echo "levers run incomplete"
   ;;
-ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumulation 2 vs 2 GPUs; then FSDP
-  M=${MODEL:-/root/.cache/gemma_qlora_bench/2b-seed42}
-  [ -d "$M" ] || python3 -c "import sys; sys.path.insert(0, 'bench'); import bench; bench.prepare_model(bench.parse_args([]))"  # ~2 min, once
-  common="--model $M --data embedded --steps 30 --batch_size 8 --eval_size 64 --eval_steps 1000 --logging_steps 1 --max_new_tokens 8 --output_dir /root/r/ddp"
-  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m gemma_qlora train $common --grad_accum 2 --run_name 1gpu > /root/r/ddp-1gpu.log 2>&1 || echo "1gpu failed"
-  timeout 200 python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 -m gemma_qlora train $common --grad_accum 1 --run_name 2gpu > /root/r/ddp-2gpu.log 2>&1 || echo "2gpu failed"
-  timeout 200 python3 -m accelerate.commands.launch --config_file gemma_qlora/fsdp_qlora.yaml --num_processes 2 -m gemma_qlora train $common \
-    --grad_accum 1 --quant_storage bfloat16 --run_name fsdp > /root/r/fsdp.log 2>&1 || { echo "fsdp (FSDP1) failed";
-  timeout 200 python3 -m accelerate.commands.launch --config_file gemma_qlora/fsdp_qlora.yaml --fsdp_version 2 --num_processes 2 -m gemma_qlora train $common \
-    --grad_accum 1 --quant_storage bfloat16 --run_name fsdp2 > /root/r/fsdp2.log 2>&1 || echo "fsdp2 failed"; }
+ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumulation 2 vs 2 GPUs
+  bash "$0" model2b
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m gemma_qlora train $COMMON --grad_accum 2 --run_name 1gpu > /root/r/ddp-1gpu.log 2>&1 || echo "1gpu failed"
+  timeout 200 python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 -m gemma_qlora train $COMMON --grad_accum 1 --run_name 2gpu > /root/r/ddp-2gpu.log 2>&1 || echo "2gpu failed"
+  ;;
+fsdp)  # QLoRA under FSDP on 2 GPUs (4-bit weights stored as bf16), FSDP1 from the shipped config, then FSDP2
+  bash "$0" model2b
+  for v in 1 2; do
+    timeout 240 python3 -m accelerate.commands.launch --config_file gemma_qlora/fsdp_qlora.yaml --fsdp_version $v --num_processes 2 \
+      -m gemma_qlora train $COMMON --grad_accum 1 --quant_storage bfloat16 --run_name fsdp$v > /root/r/fsdp$v.log 2>&1 || echo "fsdp$v failed"
+  done
+  ;;
+model2b)  # the bench's random Gemma-2B shape, built once per machine (~2 min)
+  [ -d "$M2B" ] || python3 -c "import sys; sys.path.insert(0, 'bench'); import bench; bench.prepare_model(bench.parse_args([]))"
   ;;
 pack)  # everything under /root/r into one tarball that comes back
   tar czf "$OUT/r.tgz" --exclude='adapter' --exclude='checkpoints' --exclude='*.safetensors' -C /root r
