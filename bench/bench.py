@@ -76,7 +76,7 @@ LEVERS = {
     "pkg-4bit-liger": {"liger_kernel": True},  # Liger's RMSNorm, GeGLU and RoPE kernels
     "pkg-4bit-compile": {"torch_compile": True},
     "pkg-4bit-16x512": {"batch_size": 16},  # micro-batch sizing: twice the tokens per step
-    "pkg-4bit-fused-adamw": {"optim": "adamw_torch_fused"},  # one fused kernel, not paged 8-bit AdamW per tensor
+    "pkg-4bit-paged-adamw": {"optim": "paged_adamw_8bit"},  # the old default: bitsandbytes' paged 8-bit AdamW
 }
 ARMS.update({arm: 4 for arm in LEVERS})
 DEFAULT_ARMS = ",".join(arm for arm in ARMS if arm not in LEVERS)

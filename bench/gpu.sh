@@ -59,10 +59,10 @@ quality)  # finish the quality run: ARMS (space-separated) over seeds 1 2 3, kee
   done
   timeout 540 python3 -m gemma_qlora compare --arms $ARMS --seeds 1 2 3 --reuse true --quant_error false --output_dir /root/r/q
   ;;
-levers)  # the lever arms, alone on GPU 0, against plain-4bit and pkg-4bit in the same run (~6 min)
-  CUDA_VISIBLE_DEVICES=0 timeout 540 python3 bench/bench.py --steps 15 --timeout 150 --profile 3 --out /root/r/bench-levers2 \
-    --arms plain-4bit,pkg-4bit,pkg-4bit-16x512,pkg-4bit-fused-adamw,pkg-4bit-compile,pkg-4bit-no-checkpointing,pkg-4bit-peft-prepare \
-    > /root/r/bench-levers2.log 2>&1 || echo "levers run incomplete"
+levers)  # ARMS (default: the lever arms) against plain-4bit and pkg-4bit in one run, alone on GPU 0 (~6 min); OUT_NAME names the folder
+  arms=${ARMS:-plain-4bit,pkg-4bit,pkg-4bit-16x512,pkg-4bit-paged-adamw,pkg-4bit-compile,pkg-4bit-no-checkpointing,pkg-4bit-peft-prepare}
+  CUDA_VISIBLE_DEVICES=0 timeout 540 python3 bench/bench.py --steps 15 --timeout 150 --profile 3 --out /root/r/${OUT_NAME:-bench-levers} \
+    --arms $arms > /root/r/${OUT_NAME:-bench-levers}.log 2>&1 || echo "bench run incomplete"
   ;;
 ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumulation 2 vs 2 GPUs
   bash "$0" model2b
@@ -71,7 +71,7 @@ ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumul
   ;;
 fsdp)  # QLoRA under FSDP on 2 GPUs (4-bit weights stored as bf16), FSDP1 from the shipped config, then FSDP2
   bash "$0" model2b
-  for v in 1 2; do
+  for v in ${VERSIONS:-1 2}; do
     timeout 240 python3 -m accelerate.commands.launch --config_file gemma_qlora/fsdp_qlora.yaml --fsdp_version $v --num_processes 2 \
       -m gemma_qlora train $COMMON --grad_accum 1 --quant_storage bfloat16 --run_name fsdp$v > /root/r/fsdp$v.log 2>&1 || echo "fsdp$v failed"
   done

@@ -78,7 +78,7 @@ def sft_config(cfg: TrainConfig, precision: Precision, output_dir: Path) -> SFTC
         dataset_text_field="text",
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        optim=cfg.optim or ("paged_adamw_8bit" if precision.device == "cuda" else "adamw_torch"),
+        optim=cfg.optim,
         bf16=precision.bf16,
         fp16=precision.fp16,
         seed=cfg.seed,
