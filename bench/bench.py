@@ -14,7 +14,7 @@ Arms:
                                      unpacked, paged_adamw_8bit
     plain-4bit, plain-8bit           the same plain code at micro-batch 8 x 512 packed, adamw_8bit
     pkg-4bit, pkg-8bit, pkg-16bit    gemma_qlora load_model + attach_lora + make_trainer at the
-                                     package's defaults (TrainConfig: 8 x 512 packed)
+                                     package's defaults (TrainConfig: 8 x 512 packed, fused AdamW)
     unsloth-4bit                     optional: only where `import unsloth` works
     pkg-4bit-<lever>                 the ablation, only when named: pkg-4bit with one setting changed
                                      (LEVERS below: PEFT's preparation, no checkpointing, unpacked,

@@ -59,9 +59,9 @@ quality)  # finish the quality run: ARMS (space-separated) over seeds 1 2 3, kee
   done
   timeout 540 python3 -m gemma_qlora compare --arms $ARMS --seeds 1 2 3 --reuse true --quant_error false --output_dir /root/r/q
   ;;
-levers)  # ARMS (default: the lever arms) against plain-4bit and pkg-4bit in one run, alone on GPU 0 (~6 min); OUT_NAME names the folder
+levers)  # ARMS (default: the lever arms) with plain-4bit and pkg-4bit, alone on GPU 0 (~6 min); OUT_NAME, LIMIT, ARM_TIMEOUT
   arms=${ARMS:-plain-4bit,pkg-4bit,pkg-4bit-16x512,pkg-4bit-paged-adamw,pkg-4bit-compile,pkg-4bit-no-checkpointing,pkg-4bit-peft-prepare}
-  CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-540} python3 bench/bench.py --steps 15 --timeout 150 --profile 3 --out /root/r/${OUT_NAME:-bench-levers} \
+  CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-540} python3 bench/bench.py --steps 15 --timeout ${ARM_TIMEOUT:-150} --profile 3 --out /root/r/${OUT_NAME:-bench-levers} \
     --arms $arms > /root/r/${OUT_NAME:-bench-levers}.log 2>&1 || echo "bench run incomplete"
   ;;
 ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumulation 2 vs 2 GPUs
