@@ -41,14 +41,17 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate
 
 
 class StepTimer(TrainerCallback):
-    """Wall time and non-pad tokens seen at every optimizer step, for steady-state tokens/s."""
+    """Wall time and non-pad tokens seen at every optimizer step, for steady-state tokens/s, and
+    the GPU memory held between steps (weights, LoRA, optimizer state: what FSDP shards)."""
 
     def __init__(self):
         self.steps: list[tuple[int, float, int]] = []
+        self.allocated: list[int] = []
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+            self.allocated.append(torch.cuda.memory_allocated())
         self.steps.append((state.global_step, time.perf_counter(), int(state.num_input_tokens_seen)))
 
     def tokens_per_second(self, warmup: int) -> float | None:
@@ -311,6 +314,8 @@ def training_metrics(trainer: SFTTrainer, timer: StepTimer, cfg: TrainConfig, ev
         "tokens_per_second": tokens / next(h["train_runtime"] for h in reversed(history) if "train_runtime" in h),
         "steady_tokens_per_second": timer.tokens_per_second(warmup=min(5, cfg.steps // 5)),
         "step_seconds": seconds / (len(timer.steps) - 1) if seconds else None,
+        # the last step's, not the end of training: an evaluation leaves FSDP's root unit unsharded
+        "allocated_between_steps_gib": timer.allocated[-1] / GIB if timer.allocated else None,
         "perplexity_before": math.exp(eval_before) if eval_before is not None else None,
         "perplexity": math.exp(evals[-1]["eval_loss"]),
     }

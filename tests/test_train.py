@@ -103,6 +103,7 @@ def test_cli_train_writes_the_run_folder(tiny_model, quotes_file, tmp_path, bits
     # the trainer's own clock runs inside ours (train_seconds also holds its set-up), never past it
     assert metrics["train_tokens"] / metrics["train_seconds"] <= metrics["tokens_per_second"] * 1.05
     assert metrics["memory"]["kind"] == "rss" and metrics["memory"]["samples"]
+    assert metrics["allocated_between_steps_gib"] is None  # a CUDA allocator figure; CPU has none
     assert {p["name"] for p in metrics["memory"]["phases"]} >= {"load", "train", "generate_after"}
     assert set(metrics["versions"]) >= {"torch", "transformers", "peft", "trl", "bitsandbytes"}
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
@@ -226,4 +227,5 @@ def test_fsdp_config_ships_with_the_package_and_follows_the_qlora_recipe():
     assert fsdp["fsdp_use_orig_params"] and fsdp["fsdp_sync_module_states"]
     assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the adapter is gathered to be saved
     assert not fsdp["fsdp_cpu_ram_efficient_loading"]  # load_model places each copy on its LOCAL_RANK GPU
+    assert fsdp["fsdp_version"] == 2  # FSDP2: ran on the GPUs with the default fused AdamW
     assert config.mixed_precision == "no"  # the package's dtype choice (bf16, or fp16 on a T4) decides
