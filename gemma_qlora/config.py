@@ -67,9 +67,9 @@ class TrainConfig:
     )
     optim: str = field(
         default="adamw_torch_fused",
-        # Measured on the H200 (bench/results/h200-bench-levers2): 7 % more tokens/s than paged 8-bit
-        # AdamW at the same peak (LoRA's optimizer state is megabytes), and it runs under FSDP2,
-        # where bitsandbytes' 8-bit optimizers fail on sharded (DTensor) parameters.
+        # On the H200 (bench/results/h200-bench-levers2, -defaults) as fast as bitsandbytes' paged
+        # 8-bit AdamW within noise, 0.03 GiB more at peak (LoRA's state is megabytes); it also runs
+        # under FSDP2, where the 8-bit optimizers fail on sharded (DTensor) parameters.
         metadata={"help": "Optimizer (a transformers `optim` name); the fused torch AdamW by default."},
     )
     seed: int = 42
