@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,6 +210,38 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(tiny_model, qu
     assert 2 * 2 * 2 * 64 >= metrics["train_tokens"] > 2 * 2 * 64
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "generations.json", "metrics.json"]
+
+
+def test_fsdp_on_two_cpu_processes_saves_a_whole_adapter(tiny_model, quotes_file, tmp_path):
+    """The FSDP branch of `train` with the shipped config (FSDP2), on two CPU processes
+    (`tests/fsdp_on_cpu.py` turns accelerate's FSDP on there): no evaluation before training,
+    the Trainer gathers the sharded LoRA weights and saves them whole, rank 0 writes, and the
+    adapter loads onto a fresh base."""
+    from safetensors.torch import load_file
+
+    from gemma_qlora.lora import load_adapter
+    from gemma_qlora.model import load_model
+    from gemma_qlora.quant import detect_precision
+
+    out = tmp_path / "runs"
+    runner = str(Path(__file__).with_name("fsdp_on_cpu.py"))
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", runner, "train", "--model", tiny_model, "--data", quotes_file,
+           "--steps", "3", "--batch_size", "2", "--max_seq_length", "64", "--eval_size", "4", "--max_new_tokens", "2",
+           "--logging_steps", "1", "--learning_rate", "1e-2", "--warmup_steps", "0", "--quant_storage", "float32", "--output_dir", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run folder written") == 1
+    metrics = json.loads((out / "4bit" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 3
+    assert metrics["eval_before"] is None and metrics["eval_loss"] > 0  # FSDP: no evaluate() before train()
+
+    weights = load_file(out / "4bit" / "adapter" / "adapter_model.safetensors")
+    hidden = json.loads((Path(tiny_model) / "config.json").read_text())["hidden_size"]
+    q_a = next(v for k, v in weights.items() if "q_proj.lora_A" in k)
+    assert q_a.shape == (8, hidden)  # whole, not one process's shard
+    assert all(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # trained (B starts at zero)
+    model, _ = load_model(tiny_model, 4, detect_precision())
+    assert load_adapter(model, str(out / "4bit" / "adapter")) is not None
 
 
 def test_fsdp_config_ships_with_the_package_and_follows_the_qlora_recipe():
