@@ -9,7 +9,7 @@
 #                                (= bash bench/gpu.sh install; bash bench/gpu.sh materialise)
 #   bash bench/gpu.sh notebooks  run both notebooks (outputs in /root/r)
 #   ARMS="8bit 16bit" bash bench/gpu.sh quality    seeds 1-3 of those compare arms, reusing bench/results/h200-quality
-#   bash bench/gpu.sh levers     the lever arms not yet measured, alone on GPU 0
+#   bash bench/gpu.sh levers     bench arms (ARMS, default the levers) with plain-4bit and pkg-4bit, alone on GPU 0
 #   bash bench/gpu.sh ddp        1 GPU vs 2 GPUs (DDP), on the bench's random Gemma-2B shape
 #   bash bench/gpu.sh fsdp       FSDP1 and FSDP2 on 2 GPUs, same model
 #   bash bench/gpu.sh pack       /root/r -> $OUT/r.tgz
@@ -69,7 +69,7 @@ ddp)  # data-parallel scaling at one global batch (16 x 512): 1 GPU with accumul
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m gemma_qlora train $COMMON --grad_accum 2 --run_name 1gpu > /root/r/ddp-1gpu.log 2>&1 || echo "1gpu failed"
   timeout 200 python3 -m accelerate.commands.launch --multi_gpu --num_processes 2 -m gemma_qlora train $COMMON --grad_accum 1 --run_name 2gpu > /root/r/ddp-2gpu.log 2>&1 || echo "2gpu failed"
   ;;
-fsdp)  # QLoRA under FSDP on 2 GPUs (4-bit weights stored as bf16), FSDP1 from the shipped config, then FSDP2
+fsdp)  # QLoRA under FSDP on 2 GPUs (4-bit weights stored as bf16): VERSIONS (default "1 2"; the shipped config is FSDP2)
   bash "$0" model2b
   for v in ${VERSIONS:-1 2}; do
     timeout 240 python3 -m accelerate.commands.launch --config_file gemma_qlora/fsdp_qlora.yaml --fsdp_version $v --num_processes 2 \
