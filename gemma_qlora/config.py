@@ -61,7 +61,9 @@ class TrainConfig:
         default=False,
         metadata={"help": "Liger's fused Triton kernels for RMSNorm, GeGLU and RoPE (through TRL); needs liger-kernel and a GPU."},
     )
-    torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile (the Trainer's)."})
+    torch_compile: bool = field(
+        default=False, metadata={"help": "torch.compile each decoder layer (accelerate's regional compilation, through the Trainer)."}
+    )
     auto_batch_size: bool = field(
         default=False, metadata={"help": "On out-of-memory, halve the micro-batch and go on (accelerate's finder)."}
     )

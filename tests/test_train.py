@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,6 +211,31 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(tiny_model, qu
     assert 2 * 2 * 2 * 64 >= metrics["train_tokens"] > 2 * 2 * 64
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "generations.json", "metrics.json"]
+
+
+def test_torch_compile_compiles_the_decoder_layers_not_the_whole_model(fast_cfg, monkeypatch):
+    """--torch_compile takes accelerate's regional compilation: every decoder layer becomes a
+    compiled module (one graph, reused) under an uncompiled PEFT model, and it trains."""
+    from gemma_qlora.data import load_quotes
+    from gemma_qlora.lora import attach_lora
+    from gemma_qlora.model import load_model
+    from gemma_qlora.quant import detect_precision
+    from gemma_qlora.train import make_trainer
+
+    setting = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"  # make_trainer sets it for the process
+    monkeypatch.delenv(setting, raising=False)
+    cfg = fast_cfg(steps=1, torch_compile=True)
+    precision = detect_precision()
+    model, tokenizer = load_model(cfg.model, 4, precision)
+    try:
+        trainer = make_trainer(cfg, attach_lora(model), tokenizer, load_quotes(cfg.data, eval_size=cfg.eval_size), precision)
+        output = trainer.train()
+    finally:
+        os.environ.pop(setting, None)
+    layers = trainer.model_wrapped.base_model.model.model.layers
+    assert all(type(layer).__name__ == "OptimizedModule" for layer in layers)
+    assert type(trainer.model_wrapped).__name__ == "PeftModelForCausalLM"
+    assert math.isfinite(output.training_loss)
 
 
 def test_fsdp_on_two_cpu_processes_saves_a_whole_adapter(tiny_model, quotes_file, tmp_path):
