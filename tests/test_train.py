@@ -272,8 +272,8 @@ def test_fsdp_on_two_cpu_processes_saves_a_whole_adapter(tiny_model, quotes_file
 
 def test_fsdp_config_ships_with_the_package_and_follows_the_qlora_recipe():
     """The accelerate config the README's FSDP command names: installed with the package,
-    parsed by accelerate itself, FSDP with every process quantizing its own copy and
-    frozen and trainable weights sharing wrapped units."""
+    parsed by accelerate itself, FSDP2 with every process quantizing its own copy; the FSDP1
+    settings (frozen and trainable weights sharing wrapped units) stay for --fsdp_version 1."""
     from importlib.resources import files
 
     from accelerate.commands.config.config_args import load_config_from_file
