@@ -62,7 +62,9 @@ class TrainConfig:
         metadata={"help": "Liger's fused Triton kernels for RMSNorm, GeGLU and RoPE (through TRL); needs liger-kernel and a GPU."},
     )
     torch_compile: bool = field(
-        default=False, metadata={"help": "torch.compile each decoder layer (accelerate's regional compilation, through the Trainer)."}
+        default=False,
+        metadata={"help": "torch.compile the norms, attention and MLP of each decoder layer: twice the steps per second on "
+                  "the H200, after ~20 s of compiling; worth it for runs of more than ~100 steps."},
     )
     auto_batch_size: bool = field(
         default=False, metadata={"help": "On out-of-memory, halve the micro-batch and go on (accelerate's finder)."}
