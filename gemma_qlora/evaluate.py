@@ -15,24 +15,29 @@ from gemma_qlora.data import quote_prompt
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of `prompts` (the prompt itself left out)."""
+    """Greedy continuations of `prompts` (the prompt itself left out).
+
+    Always eager, also where `--torch_compile` compiled the layers' parts: a few greedy tokens
+    are not worth compiling, and with a KV cache attention would recompile for every layer.
+    """
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(p.device for p in model.parameters())
     outputs = []
     try:
-        for i in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
-            ids = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = ids[:, batch["input_ids"].shape[1] :]
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        with torch.compiler.set_stance("force_eager"):
+            for i in range(0, len(prompts), batch_size):
+                batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+                ids = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                new = ids[:, batch["input_ids"].shape[1] :]
+                outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -216,8 +216,12 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(tiny_model, qu
 def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fast_cfg):
     """--torch_compile compiles the norms, attention and MLP of every decoder layer, not the layer
     (whose forward holds the gradient checkpoint) nor the PEFT model; packed batches come padded
-    to one shape, so the compiled code is not recompiled for each length; and it trains."""
+    to one shape, so the compiled code is not recompiled for each length; it trains; and
+    generation afterwards runs eager, compiling nothing more."""
+    from torch._dynamo.utils import counters
+
     from gemma_qlora.data import load_quotes
+    from gemma_qlora.evaluate import generate
     from gemma_qlora.lora import attach_lora
     from gemma_qlora.model import load_model
     from gemma_qlora.quant import detect_precision
@@ -237,6 +241,10 @@ def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fa
     assert all(layer._compiled_call_impl is None for layer in layers)
     assert type(trainer.model_wrapped).__name__ == "PeftModelForCausalLM"
     assert math.isfinite(output.training_loss)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    assert len(generate(trainer.model, tokenizer, ["Quote: A", "Quote: Be"], max_new_tokens=3)) == 2
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_fsdp_on_two_cpu_processes_saves_a_whole_adapter(tiny_model, quotes_file, tmp_path):
