@@ -66,8 +66,8 @@ ARMS = {
     "pkg-16bit": 16,
     "unsloth-4bit": 4,
 }
-# The ablation: the package's 4-bit arm with one setting changed (TrainConfig fields). Run only when
-# named in --arms (e.g. --arms plain-4bit,pkg-4bit,pkg-4bit-peft-prepare,pkg-4bit-liger).
+# The ablation: the package's 4-bit (or 8-bit) arm with one setting changed (TrainConfig fields). Run
+# only when named in --arms (e.g. --arms plain-4bit,pkg-4bit,pkg-4bit-peft-prepare,pkg-4bit-liger).
 LEVERS = {
     "pkg-4bit-peft-prepare": {"lean_prepare": False},  # PEFT's prepare_model_for_kbit_training (fp32 copy)
     "pkg-4bit-no-checkpointing": {"gradient_checkpointing": False},
@@ -77,8 +77,9 @@ LEVERS = {
     "pkg-4bit-compile": {"torch_compile": True},
     "pkg-4bit-16x512": {"batch_size": 16},  # micro-batch sizing: twice the tokens per step
     "pkg-4bit-paged-adamw": {"optim": "paged_adamw_8bit"},  # the old default: bitsandbytes' paged 8-bit AdamW
+    "pkg-8bit-compile": {"torch_compile": True},
 }
-ARMS.update({arm: 4 for arm in LEVERS})
+ARMS.update({arm: int(arm.split("-")[1].removesuffix("bit")) for arm in LEVERS})
 DEFAULT_ARMS = ",".join(arm for arm in ARMS if arm not in LEVERS)
 REF = {4: "plain-4bit", 8: "plain-8bit", 16: "plain-4bit"}
 OLD = {4: "plain-4bit-old", 8: "plain-8bit-old", 16: "plain-4bit-old"}
