@@ -95,7 +95,8 @@ def sft_config(cfg: TrainConfig, precision: Precision, output_dir: Path) -> SFTC
         auto_find_batch_size=cfg.auto_batch_size,
         use_liger_kernel=cfg.liger_kernel,
         # Compiled code wants one shape: pad every packed batch to its full size, or new lengths
-        # recompile with dynamic shapes (compiling whole layers, that failed in inductor on the H200).
+        # recompile with dynamic shapes (with whole layers compiled, that recompile failed in
+        # inductor on the H200).
         pad_to_multiple_of=cfg.batch_size * cfg.max_seq_length if cfg.torch_compile and cfg.packing else None,
         include_num_input_tokens_seen="non_padding",
         report_to=cfg.report_to,
