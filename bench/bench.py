@@ -19,7 +19,7 @@ Arms:
     pkg-4bit-<lever>                 the ablation, only when named: pkg-4bit with one setting changed
                                      (LEVERS below: PEFT's preparation, no checkpointing, unpacked,
                                      no LoRA dropout, Liger kernels, torch.compile, 16 x 512,
-                                     fused AdamW)
+                                     paged 8-bit AdamW); pkg-8bit-compile, pkg-8bit compiled
 
 With --profile N, each arm runs N more steps under torch.profiler after the timed ones (they do
 not count in the speed figures) and writes <out>/arms/<arm>.profile.txt: the GPU's busy share of
