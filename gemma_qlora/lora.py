@@ -31,7 +31,11 @@ def attach_lora(
     """
     from gemma_qlora.config import LORA_TARGETS
 
+    from gemma_qlora.quant import keep_4bit_weights_trainable_on_cpu
+
     targets = targets or LORA_TARGETS
+    if getattr(model, "is_loaded_in_4bit", False):
+        keep_4bit_weights_trainable_on_cpu(model)  # a model not loaded by load_model may be repacked
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         if lean_prepare:
             model.requires_grad_(False)

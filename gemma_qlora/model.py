@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gemma_qlora.errors import UserError
-from gemma_qlora.quant import Precision, make_bnb_config
+from gemma_qlora.quant import Precision, keep_4bit_weights_trainable_on_cpu, make_bnb_config
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -135,4 +135,6 @@ def load_model(
     except OSError as error:
         raise _explain_hub_error(name, error, token) from None
     model.config.use_cache = False  # training; generation turns it back on per call
+    if precision.device == "cpu" and bits == 4:
+        keep_4bit_weights_trainable_on_cpu(model)  # before any evaluation can repack them
     return model, tokenizer

@@ -51,6 +51,33 @@ def cap_gpu_memory(gib: float) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 1024**3 / total))
 
 
+def keep_4bit_weights_trainable_on_cpu(model) -> None:
+    """Keep bitsandbytes' 4-bit weights in their training layout on CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49-0.50) repacks a `Linear4bit` weight in place
+    for fast CPU inference at its first forward in eval mode under `no_grad`
+    (`Linear4bit.forward` -> `functional._convert_weight_packed_for_cpu`, flagged by
+    `quant_state.packing_format_for_cpu`) and never unpacks it on `model.train()`. From then on
+    `matmul_4bit` takes the `gemv_4bit` branch, which has no autograd: LoRA gradients stop at
+    every base projection, and widths not divisible by 32 fail the repacking outright. The
+    recipe evaluates and generates before it trains, so we switch the repacking off for every
+    4-bit module (and undo one already done; bitsandbytes' own inverse re-quantizes the scales,
+    so it is only a fallback). Other CPUs and GPUs are unaffected.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+
+
 def check_bits(bits: int) -> int:
     if bits not in ALLOWED_BITS:
         raise ValueError(
