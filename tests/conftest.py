@@ -15,29 +15,7 @@ torch.set_num_threads(2)
 
 FAMILIES = ("gemma", "gemma2", "gemma3_text")
 
-
-def build_tokenizer():
-    """A byte-level BPE tokenizer trained on the fortunes quotes, with Gemma's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from gemma_qlora.data import format_quote
-    from gemma_qlora.fortunes import load_fortunes
-
-    texts = [format_quote(r["quote"], r["author"]) for r in load_fortunes()[:2000]]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+from gemma_qlora.tiny import build_tokenizer  # noqa: E402  (re-exported: tests import it from here)
 
 
 def build_config(family: str, vocab_size: int):
