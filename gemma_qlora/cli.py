@@ -19,6 +19,7 @@ commands:
   train     fine-tune one arm (--bits 4|8|16) and write its run folder
   compare   train the 4-bit, 8-bit and 16-bit arms side by side and plot them
   report    summarise and plot the run folders already in a results folder
+  plan      predict a run's GPU memory from the model's config.json, and whether it fits a GPU
 
 `python -m gemma_qlora COMMAND --help` lists the flags."""
 
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             from gemma_qlora.compare import ReportConfig, report
 
             report(parse(ReportConfig, rest))
+        elif command == "plan":
+            from gemma_qlora.plan import PlanConfig, run_plan
+
+            print(run_plan(parse(PlanConfig, rest)))
         else:
             print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
