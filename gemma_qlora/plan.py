@@ -411,7 +411,8 @@ def layer_activation_bytes(inputs: PlanInputs) -> int:
     repeat = s.num_kv_heads > 1 and s.num_heads > s.num_kv_heads  # repeat_kv copies only then
     kv_kept = a * (q if repeat else kv)
     per_token += a * q + 2 * kv_kept  # q, k, v as attention gets them
-    fixed = 0
+    # each norm also keeps its (1 + weight) in fp32, made afresh every forward
+    fixed = 4 * (s.norms_per_layer * h + (2 * d if s.qk_norm else 0))
     if inputs.attention == "eager":
         per_row = s.num_heads * length * (4 + (a if a != 4 else 0) + (a if s.softcap else 0))
         per_token += per_row

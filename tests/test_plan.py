@@ -1,0 +1,322 @@
+"""The memory planner: each component against what the libraries really allocate (on CPU, tiny
+Gemma models quantized for real by bitsandbytes), the totals against the project's measured GPU
+runs, and the command line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from gemma_qlora.cli import main
+from gemma_qlora.config import TrainConfig
+from gemma_qlora.errors import UserError
+from gemma_qlora.lora import attach_lora
+from gemma_qlora.model import load_model
+from gemma_qlora.plan import (
+    GPUS,
+    LORA_TARGETS,
+    LOSS_TOKENS,
+    LOSS_VOCAB,
+    ModelShape,
+    PlanInputs,
+    build_plan,
+    choose_micro_batch,
+    int8_kept_bytes,
+    layer_activation_bytes,
+    load_shape,
+    lora_parameters,
+    optimizer_bytes,
+    parse_gpu,
+    plan,
+    weight_bytes,
+)
+from gemma_qlora.quant import detect_precision
+
+FAMILIES = ("gemma", "gemma2", "gemma3_text")
+
+
+def cpu_inputs(folder: str, **settings) -> PlanInputs:
+    """The plan of a CPU run of the tiny model: fp32, eager attention, float dropout masks."""
+    return PlanInputs(load_shape(folder), **{"dtype": "float32", "device": "cpu", **settings})
+
+
+def load(folder: str, **settings):
+    cfg = TrainConfig(model=folder, **settings)
+    model, _ = load_model(cfg, detect_precision("cpu"))
+    return model, cfg
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def allocated_weights(model) -> int:
+    """Every tensor bitsandbytes keeps for the weights: packed data, absmax, codes, nested state, int8 row scales."""
+    tensors = []
+    for p in model.parameters():
+        tensors.append(p)
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code, state.offset]
+            if state.state2 is not None:
+                tensors += [state.state2.absmax, state.state2.code]
+        tensors.append(getattr(p, "SCB", None))
+    return storage_bytes(tensors)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bits,double_quant", [(4, True), (4, False), (8, True), (16, True)])
+def test_weight_bytes_equal_what_bitsandbytes_allocates(tiny_models, family, bits, double_quant):
+    model, _ = load(tiny_models[family], bits=bits, double_quant=double_quant)
+    predicted = weight_bytes(cpu_inputs(tiny_models[family], bits=bits, double_quant=double_quant))
+    assert sum(predicted.values()) == allocated_weights(model)
+
+
+def test_weight_arithmetic_of_the_gemma_2b_shape():
+    # measured on the H200 after loading (bench/results/h200-bench-alone): 1.929, 2.825, 4.668 GiB
+    shape = gemma_2b()
+    for bits, gib in ((4, 1.929), (8, 2.825), (16, 4.668)):
+        assert sum(weight_bytes(PlanInputs(shape, bits=bits)).values()) / 2**30 == pytest.approx(gib, abs=0.001)
+
+
+@pytest.mark.parametrize("r,targets", [(8, LORA_TARGETS), (4, ("q_proj", "v_proj")), (16, ("gate_proj", "down_proj", "o_proj"))])
+def test_lora_parameters_equal_peft(tiny_models, r, targets):
+    model, cfg = load(tiny_models["gemma3_text"], bits=4, lora_r=r, lora_targets=list(targets))
+    peft_model = attach_lora(model, cfg)
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert lora_parameters(cpu_inputs(tiny_models["gemma3_text"], lora_r=r, lora_targets=targets)) == trainable
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_optimizer_state_equals_torch_adamw_after_a_step(tiny_models, dtype):
+    model, cfg = load(tiny_models["gemma2"], bits=4)
+    params = [p.detach().to(dtype).requires_grad_() for p in attach_lora(model, cfg).parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    optimizer.step()
+    state = storage_bytes(t for s in optimizer.state.values() for t in s.values())
+    # bf16 LoRA is what TRL makes of a quantized model under bf16 compute; fp32 elsewhere
+    inputs = cpu_inputs(tiny_models["gemma2"], bits=4, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    assert inputs.lora_bytes == params[0].element_size()
+    assert optimizer_bytes(inputs) == (state, 0)
+
+
+def test_paged_optimizer_state_is_outside_the_allocator(tiny_model):
+    inputs = cpu_inputs(tiny_model)
+    on_allocator, paged = optimizer_bytes(replace(inputs, optim="paged_adamw_8bit"))
+    assert on_allocator == 0 and paged > 0
+    assert optimizer_bytes(replace(inputs, optim="adamw_8bit")) == (paged, 0)
+
+
+def saved_by_middle_layer(model, tokens: int, rows: int) -> int:
+    """Bytes autograd saves for the backward of decoder layer 1 of 2 (storages first saved there:
+    the rotary tables, shared by all layers, count where layer 0 saved them)."""
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    layer = model.get_base_model().model.layers[1]
+    state = {"on": False, "seen": set(), "bytes": 0}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and ptr not in state["seen"]:
+            state["seen"].add(ptr)
+            state["bytes"] += t.untyped_storage().nbytes() if state["on"] else 0
+        return t
+
+    layer.register_forward_pre_hook(lambda *_: state.update(on=True))
+    layer.register_forward_hook(lambda *_: state.update(on=False))
+    length = tokens // rows
+    ids = torch.randint(4, 500, (1, tokens))
+    positions = torch.arange(length).repeat(rows)[None]  # packed as TRL packs: one row, positions restart
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, position_ids=positions)
+    return state["bytes"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "bits,dropout,batch,length,targets",
+    [(4, 0.05, 2, 32, LORA_TARGETS), (16, 0.05, 3, 16, LORA_TARGETS), (4, 0.0, 2, 32, LORA_TARGETS),
+     (8, 0.05, 2, 32, LORA_TARGETS), (4, 0.05, 2, 32, ("q_proj", "down_proj"))],
+)
+def test_layer_activations_equal_what_autograd_saves(tiny_models, family, bits, dropout, batch, length, targets):
+    model, cfg = load(tiny_models[family], bits=bits, lora_dropout=dropout, lora_targets=list(targets), gradient_checkpointing=False)
+    model = attach_lora(model, cfg)
+    model.enable_input_require_grads()  # as under gradient checkpointing: every layer's input needs a gradient
+    model.train()
+    predicted = layer_activation_bytes(
+        cpu_inputs(tiny_models[family], bits=bits, lora_dropout=dropout, lora_targets=targets, batch_size=batch, max_seq_length=length)
+    )
+    assert saved_by_middle_layer(model, batch * length, batch) == predicted
+
+
+def test_int8_layer_inputs_stay_past_gradient_checkpointing(tiny_model):
+    """bitsandbytes' int8 matmul keeps its input on the autograd context, where checkpointing
+    cannot free it: the planner counts those inputs for every layer."""
+    model, cfg = load(tiny_model, bits=8)
+    model = attach_lora(model, cfg)
+    model.train()
+    ids = torch.randint(4, 500, (1, 64))
+    out = model(input_ids=ids, position_ids=torch.arange(32).repeat(2)[None]).logits.sum()
+    kept, stack, seen = [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__.startswith("MatMul8bit"):
+            kept.append(getattr(node, "A", None))  # the CPU variant's ctx.A; on CUDA ctx.tensors[2]
+        stack += [n for n, _ in node.next_functions]
+    assert len(kept) == 2 * 7
+    assert storage_bytes(kept) == int8_kept_bytes(cpu_inputs(tiny_model, bits=8, batch_size=2, max_seq_length=32))
+    assert int8_kept_bytes(cpu_inputs(tiny_model, bits=4)) == 0
+
+
+def test_loss_tile_is_trls():
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+
+    assert (LOSS_TOKENS, LOSS_VOCAB) == (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+
+
+def gemma_2b() -> ModelShape:
+    return ModelShape("gemma-2b shape", "gemma", 256000, 2048, 16384, 18, 8, 1, 256)
+
+
+def gemma_3_270m() -> ModelShape:
+    return ModelShape("gemma-3-270m", "gemma3_text", 262144, 640, 2048, 18, 4, 1, 256, max_positions=32768,
+                      layer_types=("sliding_attention",) * 5 + ("full_attention",))
+
+
+# Allocator and NVML peaks while training, measured on an H200 (torch 2.11, CUDA 13) with the
+# package's recipe: bench/results/<run>/arms/pkg-*.json (Gemma-2B shape, random weights) and
+# bench/results/h200-quality/*-seed1.metrics.json (real Gemma 3 270M; optimizer paged 8-bit AdamW).
+MEASURED = [
+    # shape, settings, allocator peak GiB, NVML peak GiB
+    (gemma_2b, dict(bits=4), 3.383, 6.137),  # h200-bench-defaults/pkg-4bit
+    (gemma_2b, dict(bits=8), 7.993, 12.508),  # h200-bench-8bit/pkg-8bit
+    (gemma_2b, dict(bits=16, optim="paged_adamw_8bit"), 6.611, 9.332),  # h200-bench-alone/pkg-16bit
+    (gemma_2b, dict(bits=4, batch_size=16, optim="paged_adamw_8bit"), 4.782, 7.730),  # h200-bench-levers2/pkg-4bit-16x512
+    (gemma_2b, dict(bits=4, gradient_checkpointing=False, optim="paged_adamw_8bit"), 17.290, 27.881),  # levers2 no-checkpointing
+    (gemma_2b, dict(bits=4, lora_dropout=0.0, optim="paged_adamw_8bit"), 3.243, 6.111),  # h200-bench-levers/pkg-4bit-no-dropout
+    (gemma_2b, dict(bits=4, dtype="float16"), 3.439, 6.193),  # h200-bench-t4-fused/pkg-4bit (fp16)
+    (gemma_2b, dict(bits=8, dtype="float16"), 7.919, 13.045),  # h200-bench-t4-fused/pkg-8bit (fp16)
+    (gemma_3_270m, dict(bits=4, optim="paged_adamw_8bit"), 0.849, 2.766),
+    (gemma_3_270m, dict(bits=8, optim="paged_adamw_8bit"), 1.691, 3.695),
+    (gemma_3_270m, dict(bits=16, optim="paged_adamw_8bit"), 1.037, 2.933),
+]
+
+
+@pytest.mark.parametrize("shape,settings,allocated,nvml", MEASURED)
+def test_predictions_of_the_measured_runs_meet_the_target(shape, settings, allocated, nvml):
+    p = build_plan(PlanInputs(shape(), **settings), GPUS["h200"])
+    assert p.peak_allocated_gib == pytest.approx(allocated, rel=0.10)
+    assert p.peak_nvml_gib == pytest.approx(nvml, rel=0.15)
+
+
+def test_checkpointing_and_batch_move_the_peak_not_the_load():
+    base = build_plan(PlanInputs(gemma_2b()))
+    no_ckpt = build_plan(PlanInputs(gemma_2b(), gradient_checkpointing=False))
+    bigger = build_plan(PlanInputs(gemma_2b(), batch_size=16))
+    assert base.after_load_allocated_gib == no_ckpt.after_load_allocated_gib == bigger.after_load_allocated_gib
+    assert no_ckpt.peak_allocated_gib > 4 * base.peak_allocated_gib
+    assert base.peak_allocated_gib < bigger.peak_allocated_gib < 2 * base.peak_allocated_gib
+    assert base.peak_reserved_gib > base.peak_allocated_gib and base.peak_nvml_gib > base.peak_reserved_gib
+
+
+def test_fits_and_largest_micro_batch_agree():
+    p = build_plan(PlanInputs(gemma_2b(), dtype="float16"), GPUS["t4"])
+    largest = p.largest_micro_batch()
+    assert largest >= 8 and p.fits()
+    t4 = GPUS["t4"]
+    assert build_plan(replace(p.inputs, batch_size=largest), t4).fits(t4)
+    assert not build_plan(replace(p.inputs, batch_size=largest + 1), t4).fits(t4)
+    assert build_plan(replace(p.inputs, bits=16, gradient_checkpointing=False), t4).fits(t4) is False
+
+
+def test_choose_micro_batch_keeps_the_global_batch():
+    inputs = PlanInputs(gemma_2b(), bits=8, batch_size=64, grad_accum=2, dtype="float16")
+    micro, accum = choose_micro_batch(inputs, GPUS["t4"])
+    assert micro * accum == 128 and micro < 64
+    assert build_plan(replace(inputs, batch_size=micro), GPUS["t4"]).fits()
+    larger = min(d for d in range(micro + 1, 129) if 128 % d == 0)
+    assert not build_plan(replace(inputs, batch_size=larger), GPUS["t4"]).fits()
+    assert choose_micro_batch(replace(inputs, batch_size=4, grad_accum=1), GPUS["h200"]) == (4, 1)
+    with pytest.raises(UserError, match="Even a micro-batch of 1"):
+        choose_micro_batch(inputs, 2.0)
+
+
+def test_multimodal_gemma3_plans_its_language_model(tmp_path):
+    from transformers import Gemma3Config
+
+    text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=16)
+    Gemma3Config(text_config=text).save_pretrained(tmp_path)
+    shape = load_shape(str(tmp_path))
+    assert (shape.model_type, shape.hidden_size, shape.num_layers, shape.vocab_size) == ("gemma3_text", 64, 2, 1000)
+
+
+def test_plan_api_one_call_and_a_print(tiny_model):
+    p = plan(tiny_model, gpu="t4", bits=8, batch_size=4)
+    assert p.fits() and p.inputs.dtype == "float16"  # a T4 computes in fp16
+    assert "peak: allocated" in p.table() and "| component | GiB | note |" in p.table(markdown=True)
+    assert "fits on T4" in p.summary()
+
+
+def test_cli_plan_on_a_config_folder(tiny_model, capsys):
+    assert main(["plan", "--model", tiny_model, "--gpu", "l4", "--bits", "4", "--batch_size", "8"]) == 0
+    out = capsys.readouterr().out
+    for row in ("after load: allocated", "checkpointed layer inputs", "loss (TRL chunked)", "peak: NVML", "L4 (22.5 GiB): fits"):
+        assert row in out
+
+
+def test_cli_plan_without_gpu_lists_every_gpu(tiny_model, capsys):
+    assert main(["plan", "--model", tiny_model, "--markdown", "true"]) == 0
+    out = capsys.readouterr().out
+    assert all(gpu.name in out for gpu in GPUS.values())
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--gpu", "v100"], "Unknown GPU 'v100'"),
+        (["--batch_size", "0"], "--batch_size must be a positive"),
+        (["--max_seq_length", "1000000000"], "beyond any GPU"),
+        (["--max_seq_length", "100000"], "positions this model handles"),
+        (["--bits", "3"], "--bits must be 4, 8 or 16"),
+        (["--lora_r", "100000"], "larger than the hidden size"),
+        (["--optim", "sgd"], "is not planned"),
+        (["--lora_targets", "lm_head"], "--lora_targets must be among"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tiny_model, capsys, flags, message):
+    assert main(["plan", "--model", tiny_model, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_cli_not_gemma_and_missing_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert main(["plan", "--model", str(tmp_path)]) == 2
+    assert "'llama' model, not Gemma" in capsys.readouterr().err
+    assert main(["plan", "--model", str(tmp_path / "absent")]) == 2
+    assert "No config.json" in capsys.readouterr().err
+
+
+def test_hub_id_offline_is_one_clear_line():
+    with pytest.raises(UserError, match="embedded"):
+        plan("google/gemma-2b-not-cached")
+
+
+def test_gpu_names_and_sizes():
+    assert parse_gpu("T4") is GPUS["t4"] and parse_gpu("24").total_gib == 24.0
+    with pytest.raises(UserError, match="between 1 and 4096"):
+        parse_gpu("0")
