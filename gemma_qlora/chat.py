@@ -1,0 +1,152 @@
+"""Talk to a trained model: `python -m gemma_qlora generate --run runs/4bit --prompt "Quote: ..."`.
+
+The model is a run's adapter on its base, quantized as it trained (`--run`), or any exported
+or plain checkpoint (`--model`: a merged folder, a `.gguf` file, a hub id or 'embedded').
+Prompts come from the command line or a file; each continuation is printed token by token as
+it is generated (transformers' `TextStreamer`). A tokenizer's chat template wraps the prompt
+when the model has one, except for a run's adapter: the recipe trains on plain text.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gemma_qlora.errors import UserError
+
+
+@dataclass
+class GenerateConfig:
+    run: str | None = field(default=None, metadata={"help": "Run folder: its adapter on its base, loaded as it trained."})
+    model: str | None = field(
+        default=None, metadata={"help": "Or a model: merged checkpoint folder, .gguf file, hub id, or 'embedded'."}
+    )
+    prompt: list[str] = field(default_factory=list, metadata={"help": "One or more prompts."})
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "File of prompts: a JSON list of strings, or one prompt per line."}
+    )
+    max_new_tokens: int = 64
+    chat: bool | None = field(
+        default=None,
+        metadata={"help": "Wrap each prompt in the tokenizer's chat template. Default: yes when it has one, except for "
+                  "--run (the recipe trains on plain text)."},
+    )
+    sample: bool = field(default=False, metadata={"help": "Sample (temperature, top_p) instead of greedy decoding."})
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt, str):
+            self.prompt = [self.prompt]
+        if (self.run is None) == (self.model is None):
+            raise UserError("Give either --run (a run folder) or --model (a checkpoint folder, .gguf file or hub id), not both or neither.")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max_new_tokens must be a positive number, not {self.max_new_tokens}.")
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    """--prompt values, then the prompts file's."""
+    prompts = list(cfg.prompt)
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"Prompts file {path} does not exist.")
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                loaded = json.loads(text)
+            except ValueError:
+                loaded = None
+            if not (isinstance(loaded, list) and all(isinstance(p, str) for p in loaded)):
+                raise UserError(f"{path} is not a JSON list of strings: write [\"first prompt\", \"second prompt\"].")
+            prompts += loaded
+        else:
+            prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("No prompt: give --prompt \"...\" or --prompts_file FILE.")
+    return prompts
+
+
+def load(cfg: GenerateConfig, precision=None):
+    """(model, tokenizer, trained on plain text?) for `--run` or `--model`."""
+    from gemma_qlora.config import TrainConfig
+    from gemma_qlora.export import load_adapter_model, load_exported, read_run
+    from gemma_qlora.model import load_model
+    from gemma_qlora.quant import detect_precision
+
+    if cfg.run:
+        train_cfg, _ = read_run(cfg.run)
+        precision = precision or detect_precision(force_fp16=train_cfg.force_fp16)
+        model, tokenizer = load_adapter_model(train_cfg, Path(cfg.run).expanduser(), precision)
+        return model, tokenizer, True
+    precision = precision or detect_precision()
+    path = Path(cfg.model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist.")
+        model, tokenizer = load_exported(path.parent, precision, gguf_file=path.name)
+        return model, tokenizer, False
+    model, tokenizer = load_model(TrainConfig(model=cfg.model, bits=16), precision)
+    return model.eval(), tokenizer, False
+
+
+def encode(tokenizer, prompt: str, *, chat: bool, device) -> dict:
+    """The prompt's ids: inside the chat template as a user turn, or as plain text."""
+    if chat:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(device)
+    return tokenizer(prompt, return_tensors="pt").to(device)
+
+
+@torch.no_grad()
+def stream(model, tokenizer, prompts: list[str], *, chat: bool = False, max_new_tokens: int = 64,
+           sample: bool = False, temperature: float = 0.7, top_p: float = 0.95) -> list[str]:
+    """Print each prompt, then its continuation as it is generated; return the continuations.
+
+    The notebooks call this with the model they trained; the command line with a loaded one.
+    """
+    from transformers import TextStreamer
+
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    settings = dict(do_sample=sample, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+    outputs = []
+    try:
+        with torch.compiler.set_stance("force_eager"):  # a few tokens are not worth compiling
+            for prompt in prompts:
+                inputs = encode(tokenizer, prompt, chat=chat, device=device)
+                print(f"user: {prompt}\nmodel: " if chat else prompt, end="", flush=True)
+                ids = model.generate(
+                    **inputs, streamer=streamer, max_new_tokens=max_new_tokens, use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id, **settings,
+                )
+                outputs.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def generate_command(cfg: GenerateConfig) -> list[str]:
+    """`python -m gemma_qlora generate`: load, say whether the chat template is used, stream."""
+    from transformers import set_seed
+
+    prompts = read_prompts(cfg)
+    model, tokenizer, plain_text = load(cfg)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    chat = cfg.chat if cfg.chat is not None else has_template and not plain_text
+    if chat and not has_template:
+        raise UserError("This model's tokenizer has no chat template: leave out --chat true to send the prompts as plain text.")
+    if has_template:
+        why = "--chat" if cfg.chat is not None else ("the run trained on plain text" if plain_text else "the tokenizer has one")
+        print(f"(chat template {'on' if chat else 'off'}: {why})", file=sys.stderr)
+    set_seed(cfg.seed)
+    return stream(model, tokenizer, prompts, chat=chat, max_new_tokens=cfg.max_new_tokens,
+                  sample=cfg.sample, temperature=cfg.temperature, top_p=cfg.top_p)

@@ -1,0 +1,681 @@
+"""Ship a run: merge its LoRA adapter into the base, write GGUF, and prove each export is the
+model that was trained.
+
+`export(cfg)` (`python -m gemma_qlora export --run runs/4bit ...`) writes one of:
+
+    merged/   a plain safetensors checkpoint (bf16) with its tokenizer: AutoModelForCausalLM
+              loads it with no PEFT
+    gguf/     model-f16.gguf and model-q8_0.gguf, written with the `gguf` package the way
+              llama.cpp's converter writes Gemma, tokenizer and chat template included
+
+and then verifies it, every time: each exported model is loaded back the way a user would load
+it (the GGUF through transformers' GGUF loader), scored on the run's held-out split with the
+training's own evaluation, and its greedy continuations compared with the adapter model's. The
+figures go to `<run>/export.json`; an export whose held-out loss drifts past its threshold is
+refused (exit 2) and moved aside as `<out>.rejected`.
+
+Everything is written to `<out>.partial` and renamed only once verified, so a full disk or a
+crash never leaves a model under the real name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gemma_qlora.errors import UserError
+
+INTO = ("merged", "gguf")
+BASES = ("dequantized", "original")
+GGUF_TYPES = ("f16", "q8_0")
+GGUF_ARCHS = {"gemma2": "gemma2", "gemma3_text": "gemma3"}  # the ones transformers' GGUF loader reads back
+EXPORT_RECORD = "export.json"
+
+
+@dataclass
+class ExportConfig:
+    run: str = field(metadata={"help": "Run folder written by `train` (holds metrics.json and adapter/)."})
+    into: str = field(default="merged", metadata={"help": "merged (safetensors checkpoint) or gguf (F16 and Q8_0 files)."})
+    base: str = field(
+        default="dequantized",
+        metadata={"help": "Merge into the 4-/8-bit weights the adapter trained on, dequantized (dequantized), or into the "
+                  "original 16-bit checkpoint (original). 16-bit runs have only the original."},
+    )
+    out: str | None = field(default=None, metadata={"help": "Output folder; default <run>/<into>."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    gguf_types: list[str] = field(default_factory=lambda: list(GGUF_TYPES), metadata={"help": "GGUF files to write: f16, q8_0."})
+    save_dtype: str = field(default="bfloat16", metadata={"help": "dtype of the merged checkpoint: bfloat16, float16 or float32."})
+    max_loss_drift: float = field(
+        default=0.005,
+        metadata={"help": "Largest relative change of held-out loss allowed for a merged checkpoint or a GGUF F16 (0.005 = 0.5%)."},
+    )
+    max_loss_drift_q8_0: float = field(
+        default=0.01, metadata={"help": "The same for a GGUF Q8_0, which rounds every weight to 8 bits."}
+    )
+    max_loss_drift_original: float = field(
+        default=0.05,
+        metadata={"help": "Largest relative rise of held-out loss allowed when a 4-/8-bit run is merged into the original "
+                  "weights, a model the adapter never saw (a fall is not a failure)."},
+    )
+    agreement_prompts: int = field(
+        default=8, metadata={"help": "Held-out quotes whose greedy continuation is compared, besides the run's prompts."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gguf_types, str):
+            self.gguf_types = [t for t in self.gguf_types.split(",") if t]
+        self.gguf_types = [t.lower() for t in self.gguf_types]
+        problems = []
+        if self.into not in INTO:
+            problems.append(f"--into must be one of {', '.join(INTO)}, not {self.into!r}")
+        if self.base not in BASES:
+            problems.append(f"--base must be one of {', '.join(BASES)}, not {self.base!r}")
+        bad = [t for t in self.gguf_types if t not in GGUF_TYPES]
+        if bad or not self.gguf_types:
+            problems.append(f"--gguf_types must name one or more of {', '.join(GGUF_TYPES)}, not {' '.join(bad) or 'nothing'}")
+        if self.save_dtype not in ("bfloat16", "float16", "float32"):
+            problems.append(f"--save_dtype must be bfloat16, float16 or float32, not {self.save_dtype!r}")
+        for name in ("max_loss_drift", "max_loss_drift_q8_0", "max_loss_drift_original"):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{name} must be a positive fraction, not {getattr(self, name)}")
+        if problems:
+            raise UserError("; ".join(problems) + ".")
+
+
+# --- the run and its base ------------------------------------------------------------------
+
+
+def read_run(run: str | Path):
+    """The run's `TrainConfig` and metrics, refusing a folder that holds no finished run."""
+    from gemma_qlora.config import TrainConfig
+
+    run_dir = Path(run).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"Run folder {run_dir} does not exist: give a folder written by `python -m gemma_qlora train`.")
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise UserError(f"{run_dir} holds no adapter (adapter/adapter_model.safetensors): train it to the end first, "
+                        "or point --run to another run folder.")
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        settings = metrics["config"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{run_dir} has no readable metrics.json with the run's settings: it did not finish; train it again.") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in settings.items() if k in known}), metrics
+
+
+def _model_folder(model: str) -> Path:
+    """The local folder of a model name: a path, 'embedded', or a hub id already in the cache."""
+    from gemma_qlora.model import looks_like_path, resolve_model
+
+    if model == "embedded" or looks_like_path(model):
+        return Path(resolve_model(model))
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(model, "config.json")
+    if not isinstance(config, str):
+        raise UserError(f"The base model {model} is not in the Hugging Face cache: download it again "
+                        "(the same id and revision the run trained on).")
+    return Path(config).parent
+
+
+def _sampled_sha256(path: Path, *, sample: int = 1 << 20) -> str:
+    """A safetensors file's header (names, dtypes, shapes, offsets) and three 1 MiB samples of its
+    data, hashed: reading a few MiB tells a different checkpoint from the same one without
+    hashing gigabytes."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        digest.update(f.read(min(header_len, size)))
+        for start in (8 + header_len, (size + 8 + header_len) // 2, size - sample):
+            f.seek(max(0, start))
+            digest.update(f.read(sample))
+    return digest.hexdigest()
+
+
+def base_fingerprint(model_path: str) -> dict:
+    """What identifies a base checkpoint: its config (less the keys a re-save changes) and, per
+    safetensors file, its size and a sampled hash. Recorded at training time in
+    `metrics.json["base"]`; `export` refuses a base that no longer matches."""
+    folder = _model_folder(model_path)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"The base model {model_path} is missing ({folder} has no config.json): restore it, "
+                        "or export on the machine the run trained on.")
+    config = json.loads((folder / "config.json").read_text())
+    for volatile in ("transformers_version", "_name_or_path", "use_cache"):
+        config.pop(volatile, None)
+    weights = {
+        p.name: {"bytes": p.stat().st_size, "sha256_sampled": _sampled_sha256(p)} for p in sorted(folder.glob("*.safetensors"))
+    }
+    return {
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "weights": weights,
+    }
+
+
+def check_base(train_cfg, metrics: dict) -> str:
+    """'matches', or 'not recorded' (older runs: warned about); raises for a base that differs."""
+    recorded = metrics.get("base")
+    if not recorded:
+        print(f"warning: this run did not record its base's fingerprint; cannot check that {train_cfg.model} "
+              "is the model it trained on.", file=sys.stderr)
+        return "not recorded"
+    current = base_fingerprint(train_cfg.model)
+    if current["config_sha256"] != recorded.get("config_sha256"):
+        what = "its config.json"
+    elif current["weights"] != recorded.get("weights"):
+        what = "its weights"
+    else:
+        return "matches"
+    raise UserError(f"The base model {train_cfg.model} differs from the one this run trained on ({what} changed): "
+                    "export with the same base checkpoint, or train again on this one.")
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def load_adapter_model(train_cfg, run_dir: Path, precision):
+    """The model as trained: the base quantized as the run had it, with the run's adapter."""
+    from gemma_qlora.lora import load_adapter
+    from gemma_qlora.model import load_model
+
+    model, tokenizer = load_model(train_cfg, precision)
+    return load_adapter(model, str(run_dir / "adapter")).eval(), tokenizer
+
+
+def merged_model(train_cfg, run_dir: Path, precision, *, base: str):
+    """The base with the adapter merged in, as a plain transformers model in the compute dtype.
+
+    `base="dequantized"` loads the base quantized exactly as it trained and turns every
+    bitsandbytes `Linear4bit`/`Linear8bitLt` back into an `nn.Linear` holding the weights the
+    adapter saw (transformers' `dequantize`, i.e. bitsandbytes' `dequantize_4bit` /
+    `int8_vectorwise_dequant`), then merges. `base="original"` merges into the unquantized
+    checkpoint, which the adapter never saw: the adapter learned to correct the quantized
+    weights, so its correction lands on different weights. Merging into the quantized layers
+    themselves (PEFT's merge on a bnb layer) would re-quantize the sum and lose the adapter's
+    precision, so neither path does that.
+    """
+    from gemma_qlora.lora import load_adapter
+    from gemma_qlora.model import load_model
+
+    if train_cfg.bits == 16 or base == "original":
+        model, tokenizer = load_model(dataclasses.replace(train_cfg, bits=16), precision)
+    else:
+        model, tokenizer = load_model(train_cfg, precision)
+        model = model.dequantize(dtype=precision.compute_dtype)
+    model = load_adapter(model, str(run_dir / "adapter")).merge_and_unload()
+    model.config.use_cache = True  # the loader turned it off for training
+    return model.eval(), tokenizer
+
+
+def _release() -> None:
+    """Return the memory of models the caller has dropped, before the next one loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- GGUF ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet(logger: str):
+    """Silence a library's logger for a moment (gguf warns about template shapes it need not know)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _spm_vocab(backend: dict):
+    """tokens, scores and types of a SentencePiece-style BPE (Gemma's), as llama.cpp's converter
+    reads them from tokenizer.model.
+
+    Hand-written because gguf-py's `LlamaHfVocab` scores every token -1000, and llama.cpp's
+    tokenizer merges by score: here normal tokens score by rank (Gemma's ids follow its merge
+    order), control and user-defined tokens -1000, bytes 0. Runs of spaces, which transformers
+    spells '▁▁', go back to the real spaces Gemma's tokenizer.model stores as user-defined tokens.
+    """
+    import gguf
+
+    vocab, added = backend["model"]["vocab"], {a["id"]: a for a in backend["added_tokens"]}
+    texts = {i: s for s, i in vocab.items()} | {i: a["content"] for i, a in added.items()}
+    tokens, scores, types, rank = [], [], [], 0
+    for i in range(max(texts) + 1):
+        text = texts.get(i, f"[PAD{i}]")
+        if i in added:
+            kind, score = (gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED), -1000.0
+        elif i not in texts:
+            kind, score = gguf.TokenType.UNUSED, -1000.0
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            kind, score = gguf.TokenType.BYTE, 0.0
+        elif len(text) > 1 and set(text) == {"▁"}:
+            kind, score, text = gguf.TokenType.USER_DEFINED, -1000.0, " " * len(text)
+        else:
+            kind, score, rank = gguf.TokenType.NORMAL, -float(rank), rank + 1
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    return tokens, scores, types
+
+
+def _bpe_vocab(backend: dict):
+    """tokens and types of a byte-level BPE (GPT-2 style), as llama.cpp's `_set_vocab_gpt2`."""
+    import gguf
+
+    added = {a["id"]: a for a in backend["added_tokens"]}
+    texts = {i: s for s, i in backend["model"]["vocab"].items()} | {i: a["content"] for i, a in added.items()}
+    tokens, types = [], []
+    for i in range(max(texts) + 1):
+        tokens.append(texts.get(i, f"[PAD{i}]"))
+        if i not in texts:
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i]["special"] else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def add_tokenizer(writer, tokenizer, config) -> int:
+    """The tokenizer as `tokenizer.ggml.*` (vocabulary, merges, special ids, add-BOS) and the chat
+    template as `tokenizer.chat_template`; returns the vocabulary's size."""
+    import gguf
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend["model"]
+    with tempfile.TemporaryDirectory() as folder, _quiet("gguf"):  # gguf's SpecialVocab reads a tokenizer's files
+        tokenizer.save_pretrained(folder)
+        config.to_json_file(str(Path(folder) / "config.json"))
+        if model["type"] == "BPE" and model.get("byte_fallback"):
+            tokens, scores, types = _spm_vocab(backend)
+            writer.add_tokenizer_model("llama")
+            writer.add_tokenizer_pre("default")
+            writer.add_token_list(tokens)
+            writer.add_token_scores(scores)
+            writer.add_token_types(types)
+            writer.add_add_space_prefix(False)
+            special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens))
+        elif model["type"] == "BPE" and (backend.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
+            tokens, types = _bpe_vocab(backend)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre("gpt-2")
+            writer.add_token_list(tokens)
+            writer.add_token_types(types)
+            special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+        else:
+            raise UserError(f"GGUF export knows Gemma's SentencePiece-style tokenizer and byte-level BPE, not this "
+                            f"{model['type']} tokenizer: export --into merged instead.")
+    # what the tokenizer does, not what its files say: llama.cpp and transformers add BOS to a
+    # SentencePiece vocabulary whose file does not say otherwise
+    probe = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]
+    if tokenizer.chat_template and not special.chat_template:
+        special.chat_template = tokenizer.chat_template
+    special.add_to_gguf(writer, quiet=True)
+    return len(tokens)
+
+
+def add_hparams(writer, config, *, file_type) -> None:
+    """The model's shape under llama.cpp's key names, as its converter writes Gemma 2 and 3."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    if config.model_type == "gemma3_text":
+        rope = config.rope_parameters or {}
+        full = rope.get("full_attention", rope)
+        if full.get("rope_type", "default") not in ("default", "linear"):
+            raise UserError(f"GGUF export cannot write {full['rope_type']!r} RoPE scaling: export --into merged instead.")
+        writer.add_rope_freq_base(full.get("rope_theta", 1_000_000.0))
+        if full.get("rope_type") == "linear":
+            import gguf
+
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(full["factor"])
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    else:
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_file_type(file_type)
+
+
+def gguf_tensors(model, *, qtype: str, n_vocab: int):
+    """(GGUF name, array, ggml type) for every weight, by llama.cpp's rules: Gemma's RMSNorm
+    scales by 1 + w and llama.cpp's by w, so norm weights are stored plus one; the tied output
+    head is left out; 1-D tensors and norms stay F32; Q8_0 falls back to F16 for a row length
+    it cannot block."""
+    import gguf
+
+    arch = {"gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3_text": gguf.MODEL_ARCH.GEMMA3}[model.config.model_type]
+    names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    wanted = gguf.GGMLQuantizationType.Q8_0 if qtype == "q8_0" else gguf.GGMLQuantizationType.F16
+    tied = model.config.tie_word_embeddings
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"GGUF export has no llama.cpp name for the weight {hf_name}: export --into merged instead.")
+        data = tensor.detach().to(torch.float32).cpu()
+        if hf_name.endswith("embed_tokens.weight"):
+            data = data[:n_vocab]  # llama.cpp drops embedding rows past the tokenizer's vocabulary
+        if hf_name.endswith("norm.weight"):
+            data = data + 1
+        data = data.numpy()
+        kind = gguf.GGMLQuantizationType.F32 if data.ndim <= 1 or name.endswith("_norm.weight") else wanted
+        try:
+            packed = gguf.quants.quantize(data, kind)
+        except gguf.QuantError:
+            kind = gguf.GGMLQuantizationType.F16
+            packed = gguf.quants.quantize(data, kind)
+        yield name, packed, kind
+
+
+def write_gguf(model, tokenizer, path: Path, *, qtype: str, name: str) -> None:
+    """One GGUF file of `model` (a merged Gemma 2 or 3) with its tokenizer."""
+    import gguf
+
+    file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCHS[model.config.model_type])
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        add_hparams(writer, model.config, file_type=file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        n_vocab = add_tokenizer(writer, tokenizer, model.config)
+        for tensor_name, data, kind in gguf_tensors(model, qtype=qtype, n_vocab=n_vocab):
+            writer.add_tensor(tensor_name, data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def load_exported(folder: Path, precision, *, gguf_file: str | None = None):
+    """An exported model as a user loads it, with plain transformers and no PEFT (a GGUF through
+    transformers' GGUF loader), in the compute dtype: the model and its own tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from gemma_qlora.model import default_attention
+
+    config = AutoConfig.from_pretrained(str(folder), gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=gguf_file, dtype=precision.compute_dtype,
+        attn_implementation=default_attention(config.model_type, precision.device),
+    ).to(precision.device)
+    if gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        # transformers reads a Gemma GGUF into ordinary float weights but leaves the model marked
+        # quantized, and the Trainer then refuses to evaluate it
+        if any(not p.is_floating_point() for p in model.parameters()):
+            raise UserError(f"transformers kept {gguf_file} packed, so it cannot be scored here: export --into merged.")
+        model.hf_quantizer.remove_quantization_config(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+CONFIG_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "rms_norm_eps", "sliding_window", "layer_types", "query_pre_attn_scalar", "rope_parameters",
+    "attn_logit_softcapping", "final_logit_softcapping", "hidden_activation", "tie_word_embeddings",
+)
+
+
+def config_mismatches(exported, reference) -> list[str]:
+    """The settings that shape the computation and came back different: a GGUF stores only some
+    of a config, and transformers fills the rest with the class's defaults."""
+    out = []
+    for key in CONFIG_KEYS:
+        a, b = getattr(exported, key, None), getattr(reference, key, None)
+        if isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1e-6 * abs(b):
+            continue
+        if a != b:
+            out.append(f"{key}: {a!r} (file) vs {b!r} (trained)")
+    return out
+
+
+# --- verification ----------------------------------------------------------------------------
+
+
+def eval_loss(model, tokenizer, train_cfg, data, precision) -> float:
+    """Held-out loss computed exactly as training computed it: TRL's SFTTrainer.evaluate with the
+    run's settings (packing, sequence length, batch), on the run's held-out split."""
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    from gemma_qlora.data import to_text
+    from gemma_qlora.trainer import sft_config
+
+    with tempfile.TemporaryDirectory() as folder:
+        args = sft_config(train_cfg, precision=precision, output_dir=Path(folder))
+        held_out = to_text(data["test"], tokenizer.eos_token)
+        # TRL insists on a training set; the held-out one stands in, since nothing trains here
+        trainer = SFTTrainer(model=model, args=args, train_dataset=held_out, eval_dataset=held_out, processing_class=tokenizer)
+        for quiet in (PrinterCallback, ProgressCallback):  # the command prints its own one line per model
+            trainer.remove_callback(quiet)
+        return float(trainer.evaluate()["eval_loss"])
+
+
+def agreement_prompts(data, n: int) -> list[str]:
+    """The run's prompts, then the first `n` held-out quotes up to their `Author:`."""
+    from gemma_qlora.data import PROMPTS, quote_prompt
+
+    return list(PROMPTS) + [quote_prompt(q) for q in data["test"]["quote"][:n]]
+
+
+def measure(model, tokenizer, train_cfg, data, precision, prompts: list[str]) -> dict:
+    from gemma_qlora.evaluate import generate
+
+    return {
+        "eval_loss": eval_loss(model, tokenizer, train_cfg, data, precision),
+        "continuations": generate(model, tokenizer, prompts, max_new_tokens=train_cfg.max_new_tokens),
+    }
+
+
+def agreement(ours: list[str], reference: list[str]) -> dict:
+    """How far greedy decoding agrees: prompts continued identically, and the mean share of the
+    longer continuation's characters before the first difference."""
+    def shared(a: str, b: str) -> float:
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return n / max(len(a), len(b), 1)
+
+    return {
+        "identical": sum(a == b for a, b in zip(ours, reference)),
+        "prompts": len(reference),
+        "prefix_agreement": sum(shared(a, b) for a, b in zip(ours, reference)) / max(len(reference), 1),
+    }
+
+
+def tokenizer_agreement(tokenizer, reference, texts: list[str]) -> float:
+    """Share of `texts` the exported tokenizer turns into exactly the reference's ids."""
+    return sum(tokenizer(t)["input_ids"] == reference(t)["input_ids"] for t in texts) / max(len(texts), 1)
+
+
+def judge(entry: dict, adapter_loss: float, *, limit: float, one_sided: bool) -> dict:
+    drift = (entry["eval_loss"] - adapter_loss) / adapter_loss
+    entry["loss_drift"] = drift
+    entry["max_loss_drift"] = limit
+    entry["passed"] = (drift <= limit) if one_sided else (abs(drift) <= limit)
+    return entry
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _disk_error(out: Path, error: OSError) -> UserError:
+    return UserError(f"Could not write the export to {out} ({error.strerror or error}): free disk space or choose another --out.")
+
+
+def output_folder(cfg: ExportConfig, run_dir: Path) -> Path:
+    out = Path(cfg.out).expanduser() if cfg.out else run_dir / cfg.into
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"Output folder {out} already exists: choose another --out, or add --overwrite true to replace it.")
+    return out
+
+
+def save_merged(model, tokenizer, folder: Path, *, dtype: str) -> None:
+    model.to(getattr(torch, dtype)).save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def record(run_dir: Path, out: Path, entry: dict) -> None:
+    """Add this export's figures to `<run>/export.json`, keyed by its output folder."""
+    from gemma_qlora.rundir import write_json
+
+    path = run_dir / EXPORT_RECORD
+    try:
+        exports = json.loads(path.read_text())
+    except (OSError, ValueError):
+        exports = {}
+    exports[str(out)] = entry
+    write_json(path, exports)
+
+
+def _finish(partial: Path, out: Path, *, passed: bool) -> Path:
+    """Move the verified folder under its real name (or a rejected one aside)."""
+    target = out if passed else out.with_name(out.name + ".rejected")
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+    return target
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Export one run, verify the export, record the figures; see the module docstring."""
+    from gemma_qlora.data import load_quotes
+    from gemma_qlora.quant import detect_precision
+
+    run_dir = Path(cfg.run).expanduser()
+    train_cfg, metrics = read_run(run_dir)
+    out = output_folder(cfg, run_dir)
+    model_type = metrics.get("model_type")
+    if cfg.into == "gguf" and model_type not in GGUF_ARCHS:
+        raise UserError(f"GGUF export supports Gemma 2 and Gemma 3 (transformers reads no other Gemma GGUF back to verify it), "
+                        f"not {model_type!r}: export --into merged.")
+    base_check = check_base(train_cfg, metrics)
+    base = "original" if train_cfg.bits == 16 else cfg.base
+    precision = detect_precision(force_fp16=train_cfg.force_fp16)
+    data = load_quotes(train_cfg.data, quote_column=train_cfg.quote_column, author_column=train_cfg.author_column,
+                       eval_size=train_cfg.eval_size, max_train_examples=train_cfg.max_train_examples)
+    prompts = agreement_prompts(data, cfg.agreement_prompts)
+
+    print(f"scoring the adapter model ({train_cfg.bits}-bit base + adapter) on {len(data['test'])} held-out quotes...", flush=True)
+    model, tokenizer = load_adapter_model(train_cfg, run_dir, precision)
+    reference = measure(model, tokenizer, train_cfg, data, precision, prompts)
+    del model
+    _release()
+    reference["recorded_eval_loss"] = metrics.get("eval_loss")
+    print(f"adapter model: held-out loss {reference['eval_loss']:.4f}", flush=True)
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    t0 = time.perf_counter()
+    try:
+        partial.mkdir(parents=True)
+        model, tokenizer = merged_model(train_cfg, run_dir, precision, base=base)
+        files = []
+        if cfg.into == "merged":
+            save_merged(model, tokenizer, partial, dtype=cfg.save_dtype)
+            files.append(("merged", partial))
+        else:
+            for qtype in cfg.gguf_types:
+                path = partial / f"model-{qtype}.gguf"
+                write_gguf(model, tokenizer, path, qtype=qtype, name=f"{train_cfg.name} ({Path(train_cfg.model).name})")
+                files.append((qtype, path))
+        trained_config = model.config
+        del model
+        _release()
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise _disk_error(out, error) from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    export_seconds = time.perf_counter() - t0
+
+    t0, checked = time.perf_counter(), []
+    try:
+        for kind, path in files:
+            name = out.name if kind == "merged" else path.name
+            print(f"verifying {name}...", flush=True)
+            entry = {"model": kind, "file": name}
+            if kind == "merged":
+                model, loaded_tokenizer = load_exported(path, precision)
+                entry["bytes"] = sum(file_sizes(path).values())
+            else:
+                model, loaded_tokenizer = load_exported(path.parent, precision, gguf_file=path.name)
+                entry["bytes"] = path.stat().st_size
+                entry["config_mismatches"] = config_mismatches(model.config, trained_config)
+                entry["tokenizer_agreement"] = tokenizer_agreement(loaded_tokenizer, tokenizer, prompts + list(data["test"]["quote"]))
+                entry["chat_template"] = bool(loaded_tokenizer.chat_template)
+            entry.update(measure(model, loaded_tokenizer, train_cfg, data, precision, prompts))
+            entry["agreement"] = agreement(entry["continuations"], reference["continuations"])
+            limit = cfg.max_loss_drift_q8_0 if kind == "q8_0" else (
+                cfg.max_loss_drift_original if base == "original" and train_cfg.bits != 16 else cfg.max_loss_drift)
+            judge(entry, reference["eval_loss"], limit=limit, one_sided=base == "original" and train_cfg.bits != 16)
+            if entry.get("config_mismatches"):
+                entry["passed"] = False
+            checked.append(entry)
+            del model
+            _release()
+            print(f"  held-out loss {entry['eval_loss']:.4f} ({entry['loss_drift']:+.3%} vs the adapter model), "
+                  f"greedy identical on {entry['agreement']['identical']}/{entry['agreement']['prompts']} prompts", flush=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    verify_seconds = time.perf_counter() - t0
+
+    passed = all(e["passed"] for e in checked)
+    final = _finish(partial, out, passed=passed)
+    result = {
+        "into": cfg.into, "base": base, "out": str(final), "passed": passed, "base_check": base_check,
+        "device": precision.device, "compute_dtype": precision.name, "save_dtype": cfg.save_dtype if cfg.into == "merged" else None,
+        "export_seconds": export_seconds, "verify_seconds": verify_seconds,
+        "prompts": prompts, "adapter": reference, "exports": checked,
+    }
+    record(run_dir, out, result)
+    if not passed:
+        bad = next(e for e in checked if not e["passed"])
+        why = (f"its settings came back different ({'; '.join(bad['config_mismatches'])})" if bad.get("config_mismatches")
+               else f"held-out loss {bad['eval_loss']:.4f} vs {reference['eval_loss']:.4f} for the adapter model "
+                    f"({bad['loss_drift']:+.2%}, limit {bad['max_loss_drift']:.2%})")
+        raise UserError(f"Export {bad['file']} does not match the trained model: {why}. Kept aside in {final}; "
+                        f"figures in {run_dir / EXPORT_RECORD}.")
+    return result

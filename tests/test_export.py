@@ -1,0 +1,330 @@
+"""Export: merging a 4-bit-trained adapter both ways, GGUF written and read back, verification,
+and the bad inputs. Tiny random Gemmas on CPU; bitsandbytes quantizes for real."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_config, save_tiny_model
+from gemma_qlora.errors import UserError
+
+TEXTS = ["Quote: Imagination is more important than knowledge.\nAuthor: Albert Einstein", "Quote: To be or not"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, quotes_file):
+    """A finished 4-bit run of a tiny Gemma 3 (its own copy of the base, so tests may change it),
+    with its base's fingerprint recorded as training records it."""
+    from gemma_qlora.config import TrainConfig
+    from gemma_qlora.export import base_fingerprint
+    from gemma_qlora.train import train
+
+    root = tmp_path_factory.mktemp("export")
+    base = save_tiny_model(root / "base", "gemma3_text")
+    cfg = TrainConfig(model=str(base), data=quotes_file, steps=4, batch_size=4, max_seq_length=128, eval_size=8,
+                      logging_steps=1, output_dir=str(root / "runs"), max_new_tokens=4, learning_rate=1e-3, bits=4)
+    train(cfg)
+    run = root / "runs" / cfg.name
+    metrics = json.loads((run / "metrics.json").read_text())
+    if "base" not in metrics:
+        metrics["base"] = base_fingerprint(str(base))
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / run.name
+    shutil.copytree(run, target)
+    return target
+
+
+@torch.no_grad()
+def logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    return model(**batch).logits.float()
+
+
+def test_merge_both_ways_matches_the_adapter_model(trained_run):
+    """Merged into the dequantized 4-bit weights, the model computes what the adapter model
+    computes; merged into the original weights, it is off by the quantization error."""
+    from gemma_qlora.export import load_adapter_model, merged_model, read_run
+    from gemma_qlora.quant import detect_precision
+
+    cfg, _ = read_run(trained_run)
+    precision = detect_precision("cpu")
+    adapter_model, tokenizer = load_adapter_model(cfg, trained_run, precision)
+    reference = logits(adapter_model, tokenizer)
+    with adapter_model.disable_adapter():
+        adapter_effect = (reference - logits(adapter_model, tokenizer)).abs().max().item()
+    dequantized = (logits(merged_model(cfg, trained_run, precision, base="dequantized")[0], tokenizer) - reference).abs().max().item()
+    original = (logits(merged_model(cfg, trained_run, precision, base="original")[0], tokenizer) - reference).abs().max().item()
+
+    assert adapter_effect > 1e-3  # else the comparisons below could not tell a merge from none
+    assert dequantized < 1e-4 < adapter_effect / 10
+    assert original < 1.0  # the NF4 rounding of a 64-wide random model, not a broken model
+    assert original > 100 * dequantized  # the adapter corrected the quantized weights, not these
+
+
+def test_export_merged_is_a_plain_checkpoint_verified_and_recorded(trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(trained_run, tmp_path)
+    result = export(ExportConfig(run=str(run), into="merged"))
+
+    out = run / "merged"
+    assert result["passed"] and result["out"] == str(out) and result["base"] == "dequantized"
+    assert not (out / "adapter_config.json").exists() and not list(tmp_path.rglob("*.partial"))
+    model = AutoModelForCausalLM.from_pretrained(out)  # no PEFT involved
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.bfloat16
+    (entry,) = result["exports"]
+    assert abs(entry["loss_drift"]) < 0.005 and entry["agreement"]["prompts"] == 10
+    # the reloaded adapter model scores exactly what training recorded: the same evaluation
+    assert result["adapter"]["eval_loss"] == pytest.approx(result["adapter"]["recorded_eval_loss"], rel=1e-6)
+    recorded = json.loads((run / "export.json").read_text())
+    assert recorded[str(out)]["exports"][0]["eval_loss"] == entry["eval_loss"]
+
+
+def test_export_gguf_f16_and_q8_0_read_back_by_transformers(trained_run, tmp_path):
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(trained_run, tmp_path)
+    result = export(ExportConfig(run=str(run), into="gguf", out=str(tmp_path / "gguf")))
+
+    assert result["passed"]
+    f16, q8 = result["exports"]
+    assert (f16["file"], q8["file"]) == ("model-f16.gguf", "model-q8_0.gguf")
+    assert q8["bytes"] < f16["bytes"]
+    for entry in (f16, q8):
+        assert entry["config_mismatches"] == [] and entry["tokenizer_agreement"] == 1.0
+    assert abs(f16["loss_drift"]) < 1e-4 and abs(q8["loss_drift"]) < 0.01
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2"])
+def test_gguf_of_a_tiny_gemma_reads_back_with_equal_logits(family, tmp_path):
+    """F16 within fp16's rounding, Q8_0 within 8-bit blocks' rounding, same config and tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gemma_qlora.export import config_mismatches, load_exported, write_gguf
+    from gemma_qlora.quant import detect_precision
+
+    folder = save_tiny_model(tmp_path / family, family, seed=1)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():  # norm weights far from zero, as trained ones are, so the +1 convention shows
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0, 0.5)
+    reference = logits(model, tokenizer)
+    scale = reference.abs().max().item()
+    for qtype, tolerance in (("f16", 2e-3), ("q8_0", 5e-2)):
+        write_gguf(model, tokenizer, tmp_path / f"m-{qtype}.gguf", qtype=qtype, name="tiny")
+        back, back_tokenizer = load_exported(tmp_path, detect_precision("cpu"), gguf_file=f"m-{qtype}.gguf")
+        assert config_mismatches(back.config, model.config) == []
+        assert back_tokenizer(TEXTS)["input_ids"] == tokenizer(TEXTS)["input_ids"]
+        diff = (logits(back, tokenizer) - reference).abs().max().item()
+        assert diff < tolerance * scale, (qtype, diff, scale)
+
+
+def gemma_style_tokenizer():
+    """A small tokenizer built the way Gemma's is: BPE over '▁'-spelled text with byte fallback,
+    control tokens first, then the 256 bytes, then pieces in merge order, then characters."""
+    from tokenizers import Tokenizer, models, processors, trainers
+    from transformers import GemmaTokenizer
+
+    from gemma_qlora.data import format_quote
+    from gemma_qlora.fortunes import load_fortunes
+
+    texts = [format_quote(r["quote"], r["author"]).replace(" ", "▁") for r in load_fortunes()[:500]]
+    bpe = Tokenizer(models.BPE())
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = [("▁", "▁")] + [m for m in merges if m != ("▁", "▁")]
+    pieces = list(dict.fromkeys(a + b for a, b in merges))
+    chars = sorted({c for t in texts for c in t} - set(pieces))
+    controls = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    tokens = controls + [f"<0x{b:02X}>" for b in range(256)] + pieces + chars
+    tokenizer = GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": controls[4:]})
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tokenizer.chat_template = (
+        "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    return tokenizer
+
+
+def test_gemma_style_tokenizer_and_chat_template_survive_gguf(tmp_path):
+    """Gemma's SentencePiece-style vocabulary as llama.cpp stores it (scores by merge rank,
+    bytes as BYTE, controls as CONTROL, runs of spaces as real spaces), and transformers reads
+    the same tokenizer back from it: same ids for spaces, bytes, newlines and control tokens."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from gemma_qlora.export import add_tokenizer
+
+    tokenizer = gemma_style_tokenizer()
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    add_tokenizer(writer, tokenizer, build_config("gemma3_text", len(tokenizer)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    fields = gguf.GGUFReader(str(path)).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    scores = fields["tokenizer.ggml.scores"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert types[:7] == [gguf.TokenType.CONTROL] * 7 and types[7:263] == [gguf.TokenType.BYTE] * 256
+    assert tokens[263] == "  " and types[263] == gguf.TokenType.USER_DEFINED  # '▁▁', as Gemma's file spells it
+    normal = [s for s, t in zip(scores, types) if t == gguf.TokenType.NORMAL]
+    assert normal == [-float(i) for i in range(len(normal))]
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    texts = ["Quote: Imagination is more\nAuthor:  Albert", "héllo 😀  two   spaces", "<start_of_turn>user\nhi<end_of_turn>"]
+    assert [back(t)["input_ids"] for t in texts] == [tokenizer(t)["input_ids"] for t in texts]
+    assert back.chat_template == tokenizer.chat_template
+
+
+def test_base_fingerprint_tells_a_changed_base(tmp_path):
+    from gemma_qlora.export import base_fingerprint
+
+    folder = save_tiny_model(tmp_path / "m", "gemma3_text")
+    first = base_fingerprint(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config["transformers_version"] = "0.0.0"  # a re-save by another version is the same model
+    (folder / "config.json").write_text(json.dumps(config))
+    assert base_fingerprint(str(folder)) == first
+
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert base_fingerprint(str(folder))["weights"] != first["weights"]
+
+    config["rms_norm_eps"] = 1e-5
+    (folder / "config.json").write_text(json.dumps(config))
+    assert base_fingerprint(str(folder))["config_sha256"] != first["config_sha256"]
+
+
+def one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_refuses_a_run_without_adapter(trained_run, tmp_path):
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(trained_run, tmp_path)
+    shutil.rmtree(run / "adapter")
+    with pytest.raises(UserError) as error:
+        export(ExportConfig(run=str(run)))
+    assert "holds no adapter" in one_line(error)
+
+
+def test_refuses_a_base_that_differs_or_is_missing(trained_run, tmp_path):
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(trained_run, tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    base = tmp_path / "base"
+    shutil.copytree(metrics["config"]["model"], base)
+    metrics["config"]["model"] = str(base)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    config = json.loads((base / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as error:
+        export(ExportConfig(run=str(run)))
+    assert "differs from the one this run trained on" in one_line(error) and "config.json" in one_line(error)
+
+    shutil.rmtree(base)
+    with pytest.raises(UserError) as error:
+        export(ExportConfig(run=str(run)))
+    assert "does not exist" in one_line(error) or "missing" in one_line(error)
+    assert not (run / "merged").exists()
+
+
+def test_refuses_an_existing_output_folder_unless_overwrite(trained_run, tmp_path):
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(trained_run, tmp_path)
+    (run / "merged").mkdir()
+    (run / "merged" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError) as error:
+        export(ExportConfig(run=str(run)))
+    assert "--overwrite" in one_line(error)
+    assert (run / "merged" / "keep.txt").read_text() == "mine"
+    export(ExportConfig(run=str(run), overwrite=True))
+    assert (run / "merged" / "config.json").is_file() and not (run / "merged" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("into", ["merged", "gguf"])
+def test_disk_full_mid_export_leaves_nothing_that_looks_valid(trained_run, tmp_path, monkeypatch, into):
+    """The write fails after part of the files is on disk: one line, and no output folder."""
+    import gguf
+    import transformers.modeling_utils
+
+    from gemma_qlora.export import ExportConfig, export
+
+    def full(*args, **kwargs):
+        Path(tmp_path / "out.partial" / "half-written").write_bytes(b"\0" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if into == "merged":
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    else:
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    run = copy_run(trained_run, tmp_path)
+    with pytest.raises(UserError) as error:
+        export(ExportConfig(run=str(run), into=into, out=str(tmp_path / "out")))
+    assert "No space left on device" in one_line(error) and "free disk space" in one_line(error)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert not (run / "export.json").exists()
+
+
+def test_an_export_that_drifts_is_refused_and_moved_aside(trained_run, tmp_path):
+    """Q8_0 rounds every weight, so a limit below its drift must fail: exit with one line, the
+    files kept aside as .rejected, the figures recorded with passed false."""
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(trained_run, tmp_path)
+    with pytest.raises(UserError) as error:
+        export(ExportConfig(run=str(run), into="gguf", gguf_types=["q8_0"], max_loss_drift_q8_0=1e-9))
+    assert "does not match the trained model" in one_line(error)
+    assert not (run / "gguf").exists() and (run / "gguf.rejected" / "model-q8_0.gguf").is_file()
+    recorded = json.loads((run / "export.json").read_text())[str(run / "gguf")]
+    assert recorded["passed"] is False and recorded["exports"][0]["passed"] is False
+
+
+def test_gguf_of_gemma_1_is_refused_in_one_line(trained_run, tmp_path):
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(trained_run, tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["model_type"] = "gemma"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(UserError) as error:
+        export(ExportConfig(run=str(run), into="gguf"))
+    assert "Gemma 2 and Gemma 3" in one_line(error)
+
+
+def test_cli_export_bad_flags_and_bad_run_exit_2(tmp_path, capsys):
+    from gemma_qlora.cli import main
+
+    assert main(["export", "--run", str(tmp_path), "--into", "onnx"]) == 2
+    assert "--into must be one of merged, gguf" in capsys.readouterr().err
+    assert main(["export", "--run", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
