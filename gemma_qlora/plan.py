@@ -233,6 +233,9 @@ class PlanInputs:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     gradient_checkpointing: bool = True
     packing: bool = True
+    # "flat": TRL's padding-free batch, the whole micro-batch in one row; "rows": one row per
+    # packed sequence (gemma_qlora.packing.make_collator). Attention and its masks differ.
+    packing_layout: str = "flat"
     quant_type: str = "nf4"
     double_quant: bool = True
     optim: str = "adamw_torch_fused"
@@ -260,6 +263,8 @@ class PlanInputs:
             problems.append(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
         if self.optim not in OPTIMIZERS:
             problems.append(f"--optim {self.optim!r} is not planned: choose one of {', '.join(OPTIMIZERS)}")
+        if self.packing_layout not in ("flat", "rows"):
+            problems.append(f"--packing_layout must be flat or rows, not {self.packing_layout!r}")
         if self.quant_type not in ("nf4", "fp4"):
             problems.append(f"--quant_type must be nf4 or fp4, not {self.quant_type!r}")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
@@ -292,8 +297,10 @@ class PlanInputs:
     @property
     def row(self) -> tuple[int, int]:
         """(rows, row length) the attention sees: TRL's padding-free packing puts a whole
-        micro-batch in one row, its examples kept apart by a block-diagonal mask."""
-        return (1, self.tokens) if self.packing else (self.batch_size, self.max_seq_length)
+        micro-batch in one row, its examples kept apart by a block-diagonal mask over the row;
+        row packing and padded batches keep one row per sequence."""
+        flat = self.packing and self.packing_layout == "flat"
+        return (1, self.tokens) if flat else (self.batch_size, self.max_seq_length)
 
     @classmethod
     def from_train_config(cls, cfg, shape: ModelShape, gpu: GPU | None = None) -> PlanInputs:
@@ -303,7 +310,7 @@ class PlanInputs:
             shape=shape, bits=cfg.bits, batch_size=cfg.batch_size, max_seq_length=cfg.max_seq_length,
             grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, lora_dropout=cfg.lora_dropout,
             lora_targets=tuple(cfg.lora_targets), gradient_checkpointing=cfg.gradient_checkpointing,
-            packing=cfg.packing, quant_type=cfg.quant_type, double_quant=cfg.double_quant, optim=cfg.optim,
+            packing=cfg.packing, packing_layout=getattr(cfg, "packing_layout", "flat"), quant_type=cfg.quant_type, double_quant=cfg.double_quant, optim=cfg.optim,
             dtype="float16" if fp16 else "bfloat16", attn_implementation=cfg.attn_implementation,
             workspace_mib=gpu.workspace_mib if gpu else 32.0,
         )
@@ -717,7 +724,8 @@ class PlanConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (0 keeps no dropout copies)."})
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"help": "Adapted projections."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward pass."})
-    packing: bool = field(default=True, metadata={"help": "Padding-free packing, as train does."})
+    packing: bool = field(default=True, metadata={"help": "Pack short examples into sequences, as train does."})
+    packing_layout: str = field(default="flat", metadata={"help": "flat: a micro-batch in one row (TRL's padding-free); rows: a row per sequence."})
     quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
     double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit scales too."})
     optim: str = field(default="adamw_torch_fused", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})
