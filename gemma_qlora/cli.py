@@ -20,12 +20,24 @@ commands:
   compare   train the 4-bit, 8-bit and 16-bit arms side by side and plot them
   report    summarise and plot the run folders already in a results folder
   plan      predict a run's GPU memory from the model's config.json, and whether it fits a GPU
+  export    merge a run's adapter into its base (--into merged) or write GGUF (--into gguf), verified
+  generate  stream a run's or a model's continuations of prompts (--run or --model, --prompt)
 
 `python -m gemma_qlora COMMAND --help` lists the flags."""
 
 
-def parse(dataclass_type, argv: list[str]):
-    (cfg,) = HfArgumentParser(dataclass_type).parse_args_into_dataclasses(args=argv)
+def parse(dataclass_type, argv: list[str], command: str = "train"):
+    """Flags into the settings dataclass; a bad or unknown flag is one line (argparse would print
+    its whole usage first)."""
+    parser = HfArgumentParser(dataclass_type, prog=f"python -m gemma_qlora {command}")
+
+    def error(message: str):
+        raise UserError(f"{message}: see python -m gemma_qlora {command} --help.")
+
+    parser.error = error
+    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UserError(f"unknown flag(s) {' '.join(unknown)}: see python -m gemma_qlora {command} --help.")
     return cfg
 
 
@@ -35,27 +47,36 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    import datasets
+
+    datasets.disable_progress_bars()  # a bar per map/filter of a few thousand rows is noise here
     try:
         if command == "train":
             from gemma_qlora.config import TrainConfig
             from gemma_qlora.train import train
 
-            metrics = train(parse(TrainConfig, rest))
-            if metrics:  # empty on the other ranks of a multi-GPU launch
-                before = "n/a" if metrics["eval_before"] is None else f"{metrics['eval_before']:.3f}"
-                print(f"eval loss {before} -> {metrics['eval_loss']:.3f}; run folder written.")
+            train(parse(TrainConfig, rest))  # each step prints its line
         elif command == "compare":
             from gemma_qlora.compare import CompareConfig, compare
 
-            compare(parse(CompareConfig, rest))
+            compare(parse(CompareConfig, rest, "compare"))
         elif command == "report":
             from gemma_qlora.compare import ReportConfig, report
 
-            report(parse(ReportConfig, rest))
+            report(parse(ReportConfig, rest, "report"))
         elif command == "plan":
             from gemma_qlora.plan import PlanConfig, run_plan
 
-            print(run_plan(parse(PlanConfig, rest)))
+            print(run_plan(parse(PlanConfig, rest, "plan")))
+        elif command == "export":
+            from gemma_qlora.export import ExportConfig, export
+
+            result = export(parse(ExportConfig, rest, "export"))
+            print(f"export verified: {result['out']}")
+        elif command == "generate":
+            from gemma_qlora.chat import GenerateConfig, generate_command
+
+            generate_command(parse(GenerateConfig, rest, "generate"))
         else:
             print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2

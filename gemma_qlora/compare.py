@@ -219,5 +219,5 @@ def measure_quant_error(model: str) -> dict[str, float]:
     from gemma_qlora.model import load_model
     from gemma_qlora.quant import detect_precision
 
-    base, _ = load_model(model, 16, detect_precision("cpu"))
+    base, _ = load_model(TrainConfig(model=model, bits=16), detect_precision("cpu"))
     return weight_quant_error(base)

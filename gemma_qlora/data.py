@@ -55,6 +55,7 @@ def _read(name: str) -> Dataset:
 
 def load_quotes(
     name: str,
+    *,
     quote_column: str = "quote",
     author_column: str = "author",
     eval_size: int = 200,

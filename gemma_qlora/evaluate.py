@@ -14,7 +14,7 @@ from gemma_qlora.data import quote_prompt
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 16) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 24, batch_size: int = 16) -> list[str]:
     """Greedy continuations of `prompts` (the prompt itself left out).
 
     Always eager, also where `--torch_compile` compiled the layers' parts: a few greedy tokens
@@ -48,11 +48,11 @@ def normalize_name(name: str) -> str:
     return " ".join(name.lower().split())
 
 
-def author_accuracy(model, tokenizer, records: list[dict], max_new_tokens: int = 16, batch_size: int = 16) -> dict:
+def author_accuracy(model, tokenizer, records: list[dict], *, max_new_tokens: int = 16, batch_size: int = 16) -> dict:
     """Greedy-generate the `Author:` line for each quote; exact match after normalising case and spaces."""
     if not records:
         return {"accuracy": None, "n": 0, "examples": []}
-    continuations = generate(model, tokenizer, [quote_prompt(r["quote"]) for r in records], max_new_tokens, batch_size)
+    continuations = generate(model, tokenizer, [quote_prompt(r["quote"]) for r in records], max_new_tokens=max_new_tokens, batch_size=batch_size)
     predicted = [c.strip().split("\n", 1)[0].strip() for c in continuations]
     hits = [normalize_name(p) == normalize_name(r["author"]) for p, r in zip(predicted, records)]
     examples = [{"quote": r["quote"], "author": r["author"], "predicted": p} for r, p in list(zip(records, predicted))[:5]]

@@ -10,34 +10,25 @@ from transformers import PreTrainedModel
 from gemma_qlora.errors import UserError
 
 
-def attach_lora(
-    model: PreTrainedModel,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.05,
-    targets: list[str] | None = None,
-    gradient_checkpointing: bool = True,
-    lean_prepare: bool = True,
-) -> PeftModel:
-    """Freeze the base, prepare a quantized one for training, and add LoRA to `targets`.
+def attach_lora(model: PreTrainedModel, cfg) -> PeftModel:
+    """Freeze the base, prepare a quantized one for training, and add LoRA to `cfg.lora_targets`.
 
     PEFT's `prepare_model_for_kbit_training` also copies every frozen bf16/fp16 weight to
     fp32: for Gemma that is the 256k x hidden embedding (1 GB more for Gemma 2B), and it buys
     nothing, since Gemma's RMSNorm already computes in fp32 and frozen weights get no
-    updates. `lean_prepare` (the default) does the rest of what that function does (freeze,
-    gradient checkpointing, input gradients) without the copy; `lean_prepare=False` calls it.
+    updates. `cfg.lean_prepare` (the default) does the rest of what that function does
+    (freeze, gradient checkpointing, input gradients) without the copy; false calls it.
     Neither is used on a 16-bit model (the copy would upcast every weight); there the
-    trainer turns gradient checkpointing on.
+    trainer turns gradient checkpointing on. `cfg` is a `TrainConfig` (or anything with its
+    `lora_*`, `gradient_checkpointing` and `lean_prepare` fields).
     """
-    from gemma_qlora.config import LORA_TARGETS
-
     from gemma_qlora.quant import keep_4bit_weights_trainable_on_cpu
 
-    targets = targets or LORA_TARGETS
+    targets, gradient_checkpointing = cfg.lora_targets, cfg.gradient_checkpointing
     if getattr(model, "is_loaded_in_4bit", False):
         keep_4bit_weights_trainable_on_cpu(model)  # a model not loaded by load_model may be repacked
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        if lean_prepare:
+        if cfg.lean_prepare:
             model.requires_grad_(False)
             if gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -52,7 +43,7 @@ def attach_lora(
     missing = [t for t in targets if t not in present]
     if missing:
         raise UserError(f"LoRA targets {missing} are not modules of this model: choose from {sorted(p for p in present if p.endswith('proj'))}.")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gemma_qlora.errors import UserError
-from gemma_qlora.quant import Precision, keep_4bit_weights_trainable_on_cpu, make_bnb_config
+from gemma_qlora.quant import Precision, bnb_config_for, keep_4bit_weights_trainable_on_cpu
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 
@@ -100,16 +100,10 @@ def default_attention(model_type: str, device: str) -> str:
     return "eager" if device == "cpu" or model_type == "gemma2" else "sdpa"
 
 
-def load_model(
-    name: str,
-    bits: int,
-    precision: Precision,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    attn_implementation: str | None = None,
-    quant_storage: torch.dtype | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load `name` (hub id, folder or 'embedded') in `bits` with its tokenizer."""
+def load_model(cfg, precision: Precision) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `cfg.model` (hub id, folder or 'embedded') in `cfg.bits` with its tokenizer, the
+    dtypes following `precision`. `cfg` is a `TrainConfig` (or anything with its fields)."""
+    name, bits = cfg.model, cfg.bits
     path = resolve_model(name)
     token = hf_token()
     config = load_config(path, token)
@@ -128,8 +122,8 @@ def load_model(
             path,
             token=token,
             dtype=precision.compute_dtype,
-            quantization_config=make_bnb_config(bits, precision.compute_dtype, quant_type, double_quant, quant_storage),
-            attn_implementation=attn_implementation or default_attention(config.model_type, precision.device),
+            quantization_config=bnb_config_for(cfg, precision),
+            attn_implementation=cfg.attn_implementation or default_attention(config.model_type, precision.device),
             device_map=device_map,
         )
     except OSError as error:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import BitsAndBytesConfig
 
+from gemma_qlora.errors import UserError
+
 ALLOWED_BITS = (4, 8, 16)
 ALLOWED_QUANT_TYPES = ("nf4", "fp4")
 
@@ -80,14 +82,24 @@ def keep_4bit_weights_trainable_on_cpu(model) -> None:
 
 def check_bits(bits: int) -> int:
     if bits not in ALLOWED_BITS:
-        raise ValueError(
-            f"bits={bits!r} is not supported: choose 4 (NF4/FP4 QLoRA), 8 (LLM.int8) or 16 (no quantization)."
-        )
+        raise UserError(f"--bits {bits!r} is not supported: choose 4 (NF4/FP4 QLoRA), 8 (LLM.int8) or 16 (no quantization).")
     return bits
+
+
+def bnb_config_for(cfg, precision: Precision) -> BitsAndBytesConfig | None:
+    """The quantization a run's settings ask for, in the compute dtype of its hardware."""
+    return make_bnb_config(
+        cfg.bits,
+        compute_dtype=precision.compute_dtype,
+        quant_type=cfg.quant_type,
+        double_quant=cfg.double_quant,
+        quant_storage=getattr(torch, cfg.quant_storage) if cfg.quant_storage else None,
+    )
 
 
 def make_bnb_config(
     bits: int,
+    *,
     compute_dtype: torch.dtype = torch.bfloat16,
     quant_type: str = "nf4",
     double_quant: bool = True,
@@ -105,7 +117,7 @@ def make_bnb_config(
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     if quant_type not in ALLOWED_QUANT_TYPES:
-        raise ValueError(f"quant_type={quant_type!r} is not supported: choose one of {ALLOWED_QUANT_TYPES}.")
+        raise UserError(f"--quant_type {quant_type!r} is not supported: choose one of {', '.join(ALLOWED_QUANT_TYPES)}.")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,

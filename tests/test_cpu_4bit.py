@@ -10,6 +10,7 @@ suite checks both machines whatever CPU it runs on.
 import pytest
 import torch
 
+from gemma_qlora.config import TrainConfig
 from gemma_qlora.data import PROMPTS
 from gemma_qlora.evaluate import generate
 from gemma_qlora.lora import attach_lora
@@ -47,10 +48,11 @@ def lora_gradients(path: str, evaluate_first: bool) -> tuple[float, dict[str, to
     """Load in 4-bit, optionally generate (eval mode, no_grad) as the recipe does before
     training, attach LoRA, and return one training forward's loss and every LoRA gradient."""
     torch.manual_seed(0)
-    model, tokenizer = load_model(path, 4, detect_precision("cpu"))
+    cfg = TrainConfig(model=path, bits=4, lora_dropout=0.0)
+    model, tokenizer = load_model(cfg, detect_precision("cpu"))
     if evaluate_first:
         generate(model, tokenizer, PROMPTS, max_new_tokens=2)
-    model = attach_lora(model, 8, 16, 0.0, None, True, True)
+    model = attach_lora(model, cfg)
     for name, param in model.named_parameters():  # B starts at zero, so A would get no gradient
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -90,7 +92,7 @@ def test_a_model_repacked_elsewhere_is_unpacked_for_training(model_32, monkeypat
 
     monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
     model = AutoModelForCausalLM.from_pretrained(
-        model_32, quantization_config=make_bnb_config(4, torch.float32), dtype=torch.float32, attn_implementation="eager"
+        model_32, quantization_config=make_bnb_config(4, compute_dtype=torch.float32), dtype=torch.float32, attn_implementation="eager"
     )
     tokenizer = AutoTokenizer.from_pretrained(model_32)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
@@ -100,6 +102,6 @@ def test_a_model_repacked_elsewhere_is_unpacked_for_training(model_32, monkeypat
         model(**tokenizer(["Quote: Imagination"], return_tensors="pt"))
     packed = [m for m in layers if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
     assert packed, "bitsandbytes no longer repacks on this path: the guard may be obsolete"
-    model = attach_lora(model, 8, 16, 0.0, None, True, True)
+    model = attach_lora(model, TrainConfig(lora_dropout=0.0))
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     assert all(m.weight.shape == w.shape for m, w in zip(layers, reference))

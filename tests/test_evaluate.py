@@ -7,18 +7,18 @@ from gemma_qlora.data import load_quotes
 from gemma_qlora.evaluate import attributable, author_accuracy, normalize_name, weight_quant_error
 from gemma_qlora.model import load_model
 from gemma_qlora.quant import detect_precision
-from gemma_qlora.train import make_trainer
+from gemma_qlora.trainer import make_trainer
 
 CPU = detect_precision("cpu")
 
 
-def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(fast_cfg):
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(fast_cfg, tmp_path):
     cfg = fast_cfg(bits=16)
-    model, tokenizer = load_model(cfg.model, 16, CPU)
+    model, tokenizer = load_model(cfg, CPU)
     with torch.no_grad():
         model.lm_head.weight.zero_()  # tied to the embeddings: every logit is 0, so p = 1 / vocab
     quotes = load_quotes(cfg.data, eval_size=8)
-    loss = make_trainer(cfg, model, tokenizer, quotes, CPU).evaluate()["eval_loss"]
+    loss = make_trainer(cfg, model, tokenizer, quotes, precision=CPU, output_dir=tmp_path).evaluate()["eval_loss"]
     assert math.exp(loss) == __import__("pytest").approx(model.config.vocab_size, rel=1e-4)
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from gemma_qlora.config import TrainConfig
 from gemma_qlora.errors import UserError
 from gemma_qlora.model import _explain_hub_error, hf_token, load_model
 from gemma_qlora.quant import detect_precision
@@ -15,7 +16,7 @@ CPU = detect_precision("cpu")
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("bits,layer", [(4, bnb.nn.Linear4bit), (8, bnb.nn.Linear8bitLt)])
 def test_linear_layers_really_quantized(tiny_models, family, bits, layer):
-    model, tokenizer = load_model(tiny_models[family], bits, CPU)
+    model, tokenizer = load_model(TrainConfig(model=tiny_models[family], bits=bits), CPU)
     assert model.config.model_type == family
     projections = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
     assert projections and all(isinstance(m, layer) for m in projections.values())
@@ -27,12 +28,12 @@ def test_linear_layers_really_quantized(tiny_models, family, bits, layer):
 
 
 def test_16bit_keeps_plain_linear(tiny_model):
-    model, _ = load_model(tiny_model, 16, CPU)
+    model, _ = load_model(TrainConfig(model=tiny_model, bits=16), CPU)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
 
 
 def test_eager_attention_on_cpu(tiny_model):
-    model, _ = load_model(tiny_model, 4, CPU)
+    model, _ = load_model(TrainConfig(model=tiny_model, bits=4), CPU)
     assert model.config._attn_implementation == "eager"
 
 
@@ -43,17 +44,17 @@ def test_not_gemma_is_refused(tmp_path):
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(UserError, match="'llama' model, not Gemma"):
-        load_model(str(tmp_path), 4, CPU)
+        load_model(TrainConfig(model=str(tmp_path), bits=4), CPU)
 
 
 def test_missing_local_folder(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        load_model(str(tmp_path / "nope"), 4, CPU)
+        load_model(TrainConfig(model=str(tmp_path / "nope"), bits=4), CPU)
 
 
 def test_hub_id_offline_is_one_clear_line():
     with pytest.raises(UserError, match="--model embedded") as info:
-        load_model("google/gemma-2b", 4, CPU)
+        load_model(TrainConfig(model="google/gemma-2b", bits=4), CPU)
     assert "\n" not in str(info.value)
 
 

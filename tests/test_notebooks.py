@@ -95,7 +95,7 @@ def check_metrics(path: Path, bits: int, tiny_model: str):
     assert metrics["authors_before"]["n"] == metrics["authors_after"]["n"] <= 4
     memory = metrics["memory"]
     assert memory["kind"] == "rss" and len(memory["samples"]) > 5
-    assert [p["name"] for p in memory["phases"]] == ["load", "generate_before", "eval_before", "train", "eval_after", "generate_after"]
+    assert [p["name"] for p in memory["phases"]] == ["load", "generate_before", "prepare", "eval_before", "train", "eval_after", "generate_after"]
     after_load, train_peak = metrics["memory_after_load_gib"], metrics["peak_train_gib"]["sampled_gib"]
     assert 0.1 < after_load < memory["total_gib"] and after_load <= train_peak < memory["total_gib"]
     assert 0.1 < metrics["peak_generate_gib"]["sampled_gib"] < memory["total_gib"]
@@ -166,6 +166,19 @@ def test_committed_notebook_is_clean(path):
     assert len(tagged(nb, "parameters")) == 1
     assert nb.cells[0].cell_type == "markdown" and COLAB + path.name in nb.cells[0].source
     assert "HF_TOKEN" in nb.cells[0].source
+
+
+@pytest.mark.parametrize("path", [FOUR_BIT, EIGHT_BIT], ids=lambda p: p.name)
+def test_notebook_runs_every_step_of_the_recipe_in_order(path):
+    """The notebooks and `python -m gemma_qlora train` run the same steps: a notebook that
+    skips one, or runs them out of order, fails here."""
+    import re
+
+    from gemma_qlora.train import STEPS
+
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert re.findall(r"(?:^|= )run\.(\w+)\(", code, flags=re.M) == list(STEPS)
 
 
 def test_notebooks_are_parallel():

@@ -5,7 +5,7 @@ from gemma_qlora.quant import detect_precision, make_bnb_config
 
 
 def test_4bit_nf4_double_quant_by_default():
-    cfg = make_bnb_config(4, torch.bfloat16)
+    cfg = make_bnb_config(4, compute_dtype=torch.bfloat16)
     assert cfg.load_in_4bit and not cfg.load_in_8bit
     assert cfg.bnb_4bit_quant_type == "nf4"
     assert cfg.bnb_4bit_use_double_quant is True
@@ -13,13 +13,13 @@ def test_4bit_nf4_double_quant_by_default():
 
 
 def test_4bit_fp4_and_no_double_quant_selectable():
-    cfg = make_bnb_config(4, torch.float16, quant_type="fp4", double_quant=False)
+    cfg = make_bnb_config(4, compute_dtype=torch.float16, quant_type="fp4", double_quant=False)
     assert cfg.bnb_4bit_quant_type == "fp4" and cfg.bnb_4bit_use_double_quant is False
     assert cfg.bnb_4bit_compute_dtype == torch.float16
 
 
 def test_quant_storage_for_fsdp():
-    assert make_bnb_config(4, torch.bfloat16, quant_storage=torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
+    assert make_bnb_config(4, compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
 
 
 def test_8bit_is_llm_int8():

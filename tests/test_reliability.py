@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from gemma_qlora.config import TrainConfig
 from gemma_qlora.errors import UserError
-from gemma_qlora.train import newest_checkpoint, train
+from gemma_qlora.rundir import newest_checkpoint
+from gemma_qlora.train import train
 
 
 def train_cmd(model, data, out, *extra):
@@ -85,11 +87,11 @@ def test_corrupted_adapter_folder(tiny_model, fast_cfg, tmp_path):
     cfg = fast_cfg()
     train(cfg)
     adapter = os.path.join(cfg.output_dir, "4bit", "adapter")
-    base, _ = load_model(tiny_model, 4, detect_precision("cpu"))
+    base, _ = load_model(TrainConfig(model=tiny_model, bits=4), detect_precision("cpu"))
     load_adapter(base, adapter)  # the intact one loads
     with open(os.path.join(adapter, "adapter_model.safetensors"), "r+b") as f:
         f.truncate(100)
-    base, _ = load_model(tiny_model, 4, detect_precision("cpu"))
+    base, _ = load_model(TrainConfig(model=tiny_model, bits=4), detect_precision("cpu"))
     with pytest.raises(UserError, match="damaged"):
         load_adapter(base, adapter)
     with pytest.raises(UserError, match="not a saved adapter"):

@@ -58,7 +58,7 @@ def test_adapter_reloads_onto_fresh_base_with_identical_logits(fast_cfg):
     assert os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
     outputs = []
     for _ in range(2):
-        base, tokenizer = load_model(cfg.model, 4, detect_precision("cpu"))
+        base, tokenizer = load_model(cfg, detect_precision("cpu"))
         model = PeftModel.from_pretrained(base, adapter).eval()
         batch = tokenizer(["Quote: Imagination is more"], return_tensors="pt")
         with torch.no_grad():
@@ -117,7 +117,9 @@ def test_cli_train_writes_the_run_folder(tiny_model, quotes_file, tmp_path, bits
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--bits", "3"], "--bits must be one of 4, 8, 16"),
+        (["--bits", "3"], "argument --bits: invalid choice: 3 (choose from 4, 8, 16)"),
+        (["--batch_size", "eight"], "invalid int value: 'eight'"),
+        (["--no_such_flag", "1"], "unknown flag(s) --no_such_flag 1"),
         (["--steps", "0"], "--steps must be a positive number"),
         (["--batch_size", "-1"], "--batch_size must be a positive number"),
         (["--lora_r", "0"], "--lora_r must be a positive number"),
@@ -132,7 +134,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, flags, message):
     done = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", "--output_dir", str(out), *flags],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
 
 
@@ -148,19 +150,19 @@ def test_merge_only_for_16bit():
         TrainConfig(bits=4, merge=True)
 
 
-def test_lora_weights_stay_fp32_where_compute_is_not_bf16(fast_cfg):
+def test_lora_weights_stay_fp32_where_compute_is_not_bf16(fast_cfg, tmp_path):
     """TRL casts a quantized model's LoRA weights to bf16; fp16 AMP (a T4) then crashes at the
     first optimizer step, so the package keeps them fp32 unless compute is bf16."""
     from gemma_qlora.data import load_quotes
     from gemma_qlora.lora import attach_lora
     from gemma_qlora.model import load_model
     from gemma_qlora.quant import detect_precision
-    from gemma_qlora.train import make_trainer
+    from gemma_qlora.trainer import make_trainer
 
     cfg = fast_cfg()
     cpu = detect_precision("cpu")
-    model, tokenizer = load_model(cfg.model, 4, cpu)
-    trainer = make_trainer(cfg, attach_lora(model), tokenizer, load_quotes(cfg.data, eval_size=8), cpu)
+    model, tokenizer = load_model(cfg, cpu)
+    trainer = make_trainer(cfg, attach_lora(model, cfg), tokenizer, load_quotes(cfg.data, eval_size=8), precision=cpu, output_dir=tmp_path)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
 
@@ -172,8 +174,8 @@ def test_quant_storage_for_fsdp_stores_4bit_weights_in_bf16(fast_cfg):
     from gemma_qlora.model import load_model
     from gemma_qlora.quant import detect_precision
 
-    cfg = fast_cfg()
-    model, _ = load_model(cfg.model, 4, detect_precision("cpu"), quant_storage=torch.bfloat16)
+    cfg = fast_cfg(quant_storage="bfloat16")
+    model, _ = load_model(cfg, detect_precision("cpu"))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
     with pytest.raises(UserError, match="--quant_storage"):
@@ -213,7 +215,7 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(tiny_model, qu
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "generations.json", "metrics.json"]
 
 
-def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fast_cfg):
+def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fast_cfg, tmp_path):
     """--torch_compile compiles the norms, attention and MLP of every decoder layer, not the layer
     (whose forward holds the gradient checkpoint) nor the PEFT model; packed batches come padded
     to one shape, so the compiled code is not recompiled for each length; it trains; and
@@ -225,12 +227,12 @@ def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fa
     from gemma_qlora.lora import attach_lora
     from gemma_qlora.model import load_model
     from gemma_qlora.quant import detect_precision
-    from gemma_qlora.train import make_trainer
+    from gemma_qlora.trainer import make_trainer
 
     cfg = fast_cfg(steps=2, torch_compile=True)
     precision = detect_precision()
-    model, tokenizer = load_model(cfg.model, 4, precision)
-    trainer = make_trainer(cfg, attach_lora(model), tokenizer, load_quotes(cfg.data, eval_size=cfg.eval_size), precision)
+    model, tokenizer = load_model(cfg, precision)
+    trainer = make_trainer(cfg, attach_lora(model, cfg), tokenizer, load_quotes(cfg.data, eval_size=cfg.eval_size), precision=precision, output_dir=tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
     assert tuple(batch["input_ids"].shape) == (1, cfg.batch_size * cfg.max_seq_length)
     output = trainer.train()
@@ -275,7 +277,7 @@ def test_fsdp_on_two_cpu_processes_saves_a_whole_adapter(tiny_model, quotes_file
     q_a = next(v for k, v in weights.items() if "q_proj.lora_A" in k)
     assert q_a.shape == (8, hidden)  # whole, not one process's shard
     assert all(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # trained (B starts at zero)
-    model, _ = load_model(tiny_model, 4, detect_precision())
+    model, _ = load_model(TrainConfig(model=tiny_model, bits=4), detect_precision())
     assert load_adapter(model, str(out / "4bit" / "adapter")) is not None
 
 

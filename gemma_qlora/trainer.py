@@ -1,0 +1,103 @@
+"""TRL's `SFTTrainer`, configured from a `TrainConfig`, with dtypes that agree with how the
+model was loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
+from trl import SFTConfig, SFTTrainer
+
+from gemma_qlora.config import TrainConfig
+from gemma_qlora.data import check_fits, to_text
+from gemma_qlora.errors import UserError
+from gemma_qlora.quant import Precision
+
+
+def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> SFTConfig:
+    """Map our settings onto TRL's."""
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps,
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        packing_strategy="bfd",
+        dataset_text_field="text",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=cfg.optim,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps or max(1, cfg.steps // 4),
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
+        auto_find_batch_size=cfg.auto_batch_size,
+        use_liger_kernel=cfg.liger_kernel,
+        # Compiled code wants one shape: pad every packed batch to its full size, or each new
+        # length recompiles with dynamic shapes.
+        pad_to_multiple_of=cfg.batch_size * cfg.max_seq_length if cfg.torch_compile and cfg.packing else None,
+        include_num_input_tokens_seen="non_padding",
+        report_to=cfg.report_to,
+        use_cpu=precision.device == "cpu",
+    )
+
+
+def compile_layer_parts(model) -> None:
+    """torch.compile the parts of every decoder layer (norms, attention, MLP), in place.
+
+    Not the layers themselves: a decoder layer's forward holds its gradient checkpointing, and
+    compiled around it, inductor chooses for itself what to keep for the backward, which
+    undoes the checkpoint's memory saving. Compiled inside the checkpoint, the parts are
+    recomputed in the backward as in eager mode. The parts of all layers share their code, so
+    each compiles once and is reused by every layer.
+    """
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            for part in layer.children():
+                part.compile()
+
+
+def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precision, output_dir: Path, callbacks=()) -> SFTTrainer:
+    """TRL's SFTTrainer on the formatted `text` of the `train` and `test` splits of `data`.
+    Checkpoints go to `output_dir`, which the Trainer creates when it first saves one."""
+    train_text, eval_text = to_text(data["train"], tokenizer.eos_token), to_text(data["test"], tokenizer.eos_token)
+    check_fits(train_text, tokenizer, cfg.max_seq_length)
+    if cfg.torch_compile:
+        compile_layer_parts(model)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(cfg, precision=precision, output_dir=output_dir),
+        train_dataset=train_text,
+        eval_dataset=eval_text,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    if precision.compute_dtype != torch.bfloat16:
+        # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice). fp16 mixed
+        # precision (a T4) cannot unscale bf16 gradients and crashes at the first step, and an fp32
+        # CPU run would compute LoRA in bf16: keep them in fp32 there.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+def out_of_memory(cfg: TrainConfig, run_dir: Path) -> UserError:
+    """The advice for an out-of-memory error: what to lower, and what is kept."""
+    return UserError(
+        f"Out of GPU memory in run {cfg.name} (bits={cfg.bits}, micro-batch {cfg.batch_size} x {cfg.max_seq_length} tokens, "
+        f"LoRA r={cfg.lora_r}). Try --batch_size {max(1, cfg.batch_size // 2)} (with --grad_accum {cfg.grad_accum * 2} to keep "
+        f"the batch), a shorter --max_seq_length, {'--bits 4, ' if cfg.bits != 4 else ''}or --auto_batch_size true to halve "
+        f"the micro-batch automatically. Files written so far stay in {run_dir}."
+    )
