@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# No Gemma reads more than 131,072 positions; the loaded model's own limit is checked when it loads.
+MAX_SEQ_LENGTH = 2**20
 
 
 @dataclass
@@ -56,7 +58,15 @@ class TrainConfig:
     max_seq_length: int = field(default=512, metadata={"help": "Tokens per packed sequence (truncation length)."})
     packing: bool = field(
         default=True,
-        metadata={"help": "Pack short examples padding-free, each keeping its own position ids (no cross-attention)."},
+        metadata={"help": "Pack short examples into sequences, each keeping its own position ids (no cross-attention)."},
+    )
+    packing_layout: str = field(
+        default="rows",
+        metadata={
+            "help": "rows: each packed sequence a row of the batch, attention within rows; flat: TRL's padding-free "
+            "batch of one long row (attention over the whole batch's length, masked).",
+            "choices": ["rows", "flat"],
+        },
     )
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
     warmup_steps: int = field(default=2, metadata={"help": "Linear warm-up steps."})
@@ -104,7 +114,10 @@ class TrainConfig:
     output_dir: str = field(default="runs", metadata={"help": "Parent folder of run folders."})
     run_name: str | None = field(default=None, metadata={"help": "Run folder name; default '<bits>bit'."})
     save_steps: int = field(default=0, metadata={"help": "Write a resumable checkpoint every N steps (0: none)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest complete checkpoint."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue the run folder's newest complete checkpoint (only with the settings it started with)."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace what an existing run folder of this name holds."})
     merge: bool = field(default=False, metadata={"help": "16-bit only: also save the LoRA merged into the weights."})
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated for each prompt before and after training."})
     author_eval: int = field(
@@ -112,33 +125,122 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        from importlib.util import find_spec
-
         from gemma_qlora.errors import UserError
-        from gemma_qlora.quant import ALLOWED_QUANT_TYPES, check_bits
 
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t for t in self.lora_targets.split(",") if t]
+        problems = _type_problems(self)
+        if problems:  # the range checks below assume the types
+            raise UserError("; ".join(problems) + ".")
+        problems = self._range_problems()
+        if problems:
+            raise UserError("; ".join(problems) + ".")
+
+    def _range_problems(self) -> list[str]:
+        import math
+        from importlib.util import find_spec
+
+        from gemma_qlora.quant import ALLOWED_QUANT_TYPES, check_bits
+        from gemma_qlora.rundir import check_run_name
+
         check_bits(self.bits)
         problems = []
         if self.quant_storage not in (None, "uint8", "bfloat16", "float16", "float32"):
             problems.append(f"--quant_storage must be uint8, bfloat16, float16 or float32, not {self.quant_storage!r}")
         if self.quant_type not in ALLOWED_QUANT_TYPES:
             problems.append(f"--quant_type must be one of {', '.join(ALLOWED_QUANT_TYPES)}, not {self.quant_type!r}")
-        for name in ("steps", "batch_size", "grad_accum", "max_seq_length", "lora_r", "lora_alpha", "eval_size"):
+        for name in ("steps", "batch_size", "grad_accum", "max_seq_length", "lora_r", "lora_alpha", "eval_size", "logging_steps"):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name} must be a positive number, not {getattr(self, name)}")
+        for name in ("max_train_examples", "eval_steps", "gpu_memory_gib"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                problems.append(f"--{name} must be a positive number when given, not {getattr(self, name)}")
+        for name in ("warmup_steps", "save_steps", "max_new_tokens", "author_eval"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be 0 or more, not {getattr(self, name)}")
+        if self.max_seq_length > MAX_SEQ_LENGTH:
+            problems.append(f"--max_seq_length must be at most {MAX_SEQ_LENGTH:,} tokens, not {self.max_seq_length:,} "
+                            "(the model's own context length is checked when it loads)")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            problems.append(f"--learning_rate must be a finite positive number such as 2e-4, not {self.learning_rate}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be in [0, 2**32), not {self.seed}")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"--lora_dropout must be in [0, 1), not {self.lora_dropout}")
         if not self.lora_targets:
             problems.append("--lora_targets must name at least one module")
+        for name in ("model", "data", "quote_column", "author_column", "output_dir"):
+            if not getattr(self, name).strip():
+                problems.append(f"--{name} must not be empty")
+        if self.quote_column == self.author_column:
+            problems.append(f"--quote_column and --author_column must differ (both are {self.quote_column!r})")
+        problems += _name_problems(self)
+        if self.run_name is not None:
+            try:
+                check_run_name(self.run_name)
+            except ValueError as error:
+                problems.append(str(error).rstrip("."))
+        if self.resume and self.overwrite:
+            problems.append("--resume true continues a run folder and --overwrite true replaces it: give one of them")
         if self.liger_kernel and find_spec("liger_kernel") is None:
             problems.append("--liger_kernel needs the liger-kernel package (pip install liger-kernel) and a CUDA GPU")
         if self.merge and self.bits != 16:
             problems.append("--merge only applies to --bits 16 (merging into quantized weights loses the adapter's precision)")
-        if problems:
-            raise UserError("; ".join(problems) + ".")
+        return problems
 
     @property
     def name(self) -> str:
         return self.run_name or f"{self.bits}bit"
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+
+
+def _type_problems(cfg) -> list[str]:
+    """Each setting of the type its annotation names (the flags are typed by the parser already;
+    this catches `TrainConfig(steps="60")` in a notebook)."""
+    import dataclasses
+
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, kinds = getattr(cfg, f.name), str(f.type).replace(" ", "").split("|")
+        if value is None and "None" in kinds:
+            continue
+        ok = False
+        for kind in kinds:
+            if kind.startswith("list[") and isinstance(value, list):
+                inner = _TYPES.get(kind[5:-1], object)
+                ok = all(isinstance(v, inner) and not (isinstance(v, bool) and inner is not bool) for v in value)
+            elif kind == "None":
+                ok = False
+            elif kind in _TYPES:
+                ok = isinstance(value, _TYPES[kind]) and not (isinstance(value, bool) and kind != "bool")
+            else:
+                ok = True  # a type this check does not know: trust it
+            if ok:
+                break
+        if not ok:
+            words = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text", "None": "unset"}
+            wanted = " or ".join(words.get(k, "a list" if k.startswith("list[") else k) for k in kinds)
+            problems.append(f"--{f.name} must be {wanted}, not {value!r}")
+    return problems
+
+
+def _name_problems(cfg) -> list[str]:
+    """Names that transformers would refuse only later, after the model has loaded."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.training_args import OptimizerNames
+
+    problems = []
+    optimizers = [o.value for o in OptimizerNames]
+    if cfg.optim not in optimizers:
+        problems.append(f"--optim {cfg.optim!r} is not a transformers optimizer: use e.g. adamw_torch_fused, adamw_torch or paged_adamw_8bit")
+    reporters = [r.strip() for r in cfg.report_to.split(",") if r.strip()]
+    unknown = [r for r in reporters if r not in ("none", "all", *INTEGRATION_TO_CALLBACK)]
+    if unknown or not reporters:
+        problems.append(f"--report_to must be none, all or among {', '.join(INTEGRATION_TO_CALLBACK)}, not {cfg.report_to!r}")
+    attention = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if cfg.attn_implementation is not None and cfg.attn_implementation not in attention and "/" not in cfg.attn_implementation:
+        problems.append(f"--attn_implementation must be one of {', '.join(attention)} (or a kernel on the Hub), not {cfg.attn_implementation!r}")
+    return problems

@@ -12,11 +12,13 @@ from trl import SFTConfig, SFTTrainer
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.data import check_fits, to_text
 from gemma_qlora.errors import UserError
+from gemma_qlora.packing import make_collator
 from gemma_qlora.quant import Precision
 
 
 def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> SFTConfig:
     """Map our settings onto TRL's."""
+    flat = cfg.packing and cfg.packing_layout == "flat"
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=cfg.steps,
@@ -44,9 +46,9 @@ def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> S
         save_total_limit=2,
         auto_find_batch_size=cfg.auto_batch_size,
         use_liger_kernel=cfg.liger_kernel,
-        # Compiled code wants one shape: pad every packed batch to its full size, or each new
-        # length recompiles with dynamic shapes.
-        pad_to_multiple_of=cfg.batch_size * cfg.max_seq_length if cfg.torch_compile and cfg.packing else None,
+        # Compiled code wants one shape: pad every flattened batch to its full size, or each new
+        # length recompiles with dynamic shapes (the rows layout pads in its collator).
+        pad_to_multiple_of=cfg.batch_size * cfg.max_seq_length if cfg.torch_compile and flat else None,
         include_num_input_tokens_seen="non_padding",
         report_to=cfg.report_to,
         use_cpu=precision.device == "cpu",
@@ -83,6 +85,14 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    if cfg.packing and cfg.packing_layout == "rows":
+        # TRL's BFD bins, each kept as a row of the batch instead of one flattened row (see
+        # gemma_qlora.packing). TRL refuses a custom collator while it packs, so it is set here;
+        # the Trainer reads it when it builds each dataloader.
+        trainer.data_collator = make_collator(
+            tokenizer, max_length=cfg.max_seq_length, fixed_shape=cfg.torch_compile, batch_size=cfg.batch_size,
+            attn_implementation=model.config._attn_implementation,
+        )
     if precision.compute_dtype != torch.bfloat16:
         # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice). fp16 mixed
         # precision (a T4) cannot unscale bf16 gradients and crashes at the first step, and an fp32

@@ -218,7 +218,7 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(tiny_model, qu
 def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fast_cfg, tmp_path):
     """--torch_compile compiles the norms, attention and MLP of every decoder layer, not the layer
     (whose forward holds the gradient checkpoint) nor the PEFT model; packed batches come padded
-    to one shape, so the compiled code is not recompiled for each length; it trains; and
+    to one shape (batch_size rows of max_seq_length), so the compiled code is not recompiled for each length; it trains; and
     generation afterwards runs eager, compiling nothing more."""
     from torch._dynamo.utils import counters
 
@@ -234,7 +234,7 @@ def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fa
     model, tokenizer = load_model(cfg, precision)
     trainer = make_trainer(cfg, attach_lora(model, cfg), tokenizer, load_quotes(cfg.data, eval_size=cfg.eval_size), precision=precision, output_dir=tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
-    assert tuple(batch["input_ids"].shape) == (1, cfg.batch_size * cfg.max_seq_length)
+    assert tuple(batch["input_ids"].shape) == (cfg.batch_size, cfg.max_seq_length)
     output = trainer.train()
     layers = trainer.model_wrapped.base_model.model.model.layers
     parts = [part for layer in layers for part in layer.children()]
