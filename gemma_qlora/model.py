@@ -6,6 +6,7 @@ The Hugging Face token comes from `HF_TOKEN` or Colab's secrets and is passed st
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -94,6 +95,82 @@ def load_config(name: str, token: str | None = None):
     return config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # fast (tokenizers) or SentencePiece
+SANITY_TEXT = "Quote: Imagination is more important than knowledge.\nAuthor: Albert Einstein"
+_checked: dict = {}  # the folder last checked (keyed with its files' sizes and times) -> its tokenizer
+
+
+def check_model_folder(path: str) -> PreTrainedTokenizerBase | None:
+    """Refuse a local model folder that would load wrong or crash late, before anything heavy
+    loads: config.json unreadable, no tokenizer files (transformers would build an empty
+    tokenizer that turns every text into <unk>), a tokenizer that cannot encode plain English or
+    has no end-of-sequence token or more tokens than the model's embedding, weights missing,
+    truncated or corrupt. A hub id is not checked here: the hub's errors are explained where it loads.
+    Returns the tokenizer it loaded (a large one takes seconds), for `load_model` to use."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    key = (str(folder.resolve()), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()))
+    if key in _checked:
+        return _checked[key]
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"Model folder {path} has no readable config.json ({type(error).__name__}): "
+                        "give the folder a model was saved to with save_pretrained.") from None
+    _check_weights(folder, path)
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    tokenizer = _check_tokenizer(folder, path, vocab)
+    _checked.clear()
+    _checked[key] = tokenizer
+    return tokenizer
+
+
+def _check_weights(folder: Path, path: str) -> None:
+    from gemma_qlora.rundir import safetensors_problem
+
+    files = sorted(folder.glob("*.safetensors"))
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            raise UserError(f"Model folder {path}: {index.name} is damaged: copy or save the model again.") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise UserError(f"Model folder {path} lacks weight file(s) {', '.join(missing[:3])} listed in {index.name}: copy the whole model.")
+    if not files and not list(folder.glob("pytorch_model*.bin")):
+        raise UserError(f"Model folder {path} holds no weights (model.safetensors): give the folder a model was saved to with save_pretrained.")
+    for file in files:
+        problem = safetensors_problem(file)
+        if problem:
+            raise UserError(f"Model weights {file} are damaged or truncated ({problem}): copy or download the model again.")
+
+
+def _check_tokenizer(folder: Path, path: str, vocab: int | None) -> PreTrainedTokenizerBase:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"Model folder {path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the model's tokenizer into it "
+            "(tokenizer.save_pretrained), or copy those files from the model it came from."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as error:  # tokenizers raises bare Exceptions for a damaged tokenizer.json
+        raise UserError(f"The tokenizer in {path} cannot be loaded ({type(error).__name__}): copy its tokenizer files again.") from None
+    ids = tokenizer(SANITY_TEXT, add_special_tokens=False)["input_ids"]
+    if not ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
+        raise UserError(f"The tokenizer in {path} turns plain English into unknown tokens: it is not this model's tokenizer; use the one saved with it.")
+    if "Imagination" not in tokenizer.decode(ids):
+        raise UserError(f"The tokenizer in {path} does not give back the text it encodes: it is damaged or not a text tokenizer; use the one saved with the model.")
+    if tokenizer.eos_token is None:
+        raise UserError(f"The tokenizer in {path} has no end-of-sequence token: the examples could not end; use the tokenizer saved with the model.")
+    if vocab and len(tokenizer) > vocab:
+        raise UserError(
+            f"The tokenizer in {path} has {len(tokenizer):,} tokens but the model's embedding only {vocab:,}: "
+            "its ids would fall outside the model; use the tokenizer saved with this model."
+        )
+    return tokenizer
+
+
 def default_attention(model_type: str, device: str) -> str:
     """Eager on CPU (SDPA there misjudges Gemma 3 under quantization) and for Gemma 2 (attention
     soft-capping, which SDPA lacks); SDPA elsewhere."""
@@ -105,10 +182,11 @@ def load_model(cfg, precision: Precision) -> tuple[PreTrainedModel, PreTrainedTo
     dtypes following `precision`. `cfg` is a `TrainConfig` (or anything with its fields)."""
     name, bits = cfg.model, cfg.bits
     path = resolve_model(name)
+    checked = check_model_folder(path)  # a local folder's tokenizer, loaded once by the check
     token = hf_token()
     config = load_config(path, token)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, token=token)
+        tokenizer = checked if checked is not None else AutoTokenizer.from_pretrained(path, token=token)
     except (OSError, ValueError) as error:
         raise _explain_hub_error(name, error, token) from None
     if tokenizer.pad_token is None:
