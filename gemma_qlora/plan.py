@@ -233,9 +233,9 @@ class PlanInputs:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     gradient_checkpointing: bool = True
     packing: bool = True
-    # "flat": TRL's padding-free batch, the whole micro-batch in one row; "rows": one row per
-    # packed sequence (gemma_qlora.packing.make_collator). Attention and its masks differ.
-    packing_layout: str = "flat"
+    # "rows" (the package's default): one row per packed sequence (gemma_qlora.packing); "flat":
+    # TRL's padding-free batch, the whole micro-batch in one row. Attention and its masks differ.
+    packing_layout: str = "rows"
     quant_type: str = "nf4"
     double_quant: bool = True
     optim: str = "adamw_torch_fused"
@@ -310,7 +310,7 @@ class PlanInputs:
             shape=shape, bits=cfg.bits, batch_size=cfg.batch_size, max_seq_length=cfg.max_seq_length,
             grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, lora_dropout=cfg.lora_dropout,
             lora_targets=tuple(cfg.lora_targets), gradient_checkpointing=cfg.gradient_checkpointing,
-            packing=cfg.packing, packing_layout=getattr(cfg, "packing_layout", "flat"), quant_type=cfg.quant_type, double_quant=cfg.double_quant, optim=cfg.optim,
+            packing=cfg.packing, packing_layout=cfg.packing_layout, quant_type=cfg.quant_type, double_quant=cfg.double_quant, optim=cfg.optim,
             dtype="float16" if fp16 else "bfloat16", attn_implementation=cfg.attn_implementation,
             workspace_mib=gpu.workspace_mib if gpu else 32.0,
         )
@@ -389,7 +389,7 @@ def layer_activation_bytes(inputs: PlanInputs) -> int:
     the activation dtype on CPU): each RMSNorm keeps its input upcast to fp32 (4H) and a
     per-token rsqrt; each adapted projection keeps its dropout output and mask ((a + m) x in)
     and LoRA-A's output (a x r); the MLP keeps gate, gelu(gate) and up (3 a I); attention keeps
-    q, k, v (views, unless grouped heads are repeated), its output and log-sum-exp (SDPA; with
+    q, k, v (k and v at query size where the grouped heads get copied), its output and log-sum-exp (SDPA; with
     a mask it converts to the compute dtype per layer), or eager attention's fp32 softmax (and
     its copy in the compute dtype, and Gemma 2's tanh) over the row. The 4-bit base layers keep
     nothing (bitsandbytes keeps only the weight); 8-bit inputs are counted elsewhere, since
@@ -415,8 +415,12 @@ def layer_activation_bytes(inputs: PlanInputs) -> int:
                           + h * bool(kept & {"gate_proj", "up_proj"}) + i * ("down_proj" in kept))
     per_token += a * inputs.lora_r * len(inputs.lora_targets)
     per_token += 3 * a * i  # gate, gelu(gate), up
-    repeat = s.num_kv_heads > 1 and s.num_heads > s.num_kv_heads  # repeat_kv copies only then
-    kv_kept = a * (q if repeat else kv)
+    # repeat_kv expands k and v to every query head: a copy when there are several KV heads; with
+    # one, a view, which eager attention's matmul copies anyway once there are several rows
+    # (SDPA takes the view)
+    grouped = s.num_heads > s.num_kv_heads
+    copied = grouped and (s.num_kv_heads > 1 or (inputs.attention == "eager" and rows > 1))
+    kv_kept = a * (q if copied else kv)
     per_token += a * q + 2 * kv_kept  # q, k, v as attention gets them
     # each norm also keeps its (1 + weight) in fp32, made afresh every forward
     fixed = 4 * (s.norms_per_layer * h + (2 * d if s.qk_norm else 0))
@@ -725,7 +729,7 @@ class PlanConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"help": "Adapted projections."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward pass."})
     packing: bool = field(default=True, metadata={"help": "Pack short examples into sequences, as train does."})
-    packing_layout: str = field(default="flat", metadata={"help": "flat: a micro-batch in one row (TRL's padding-free); rows: a row per sequence."})
+    packing_layout: str = field(default="rows", metadata={"help": "rows: a row per packed sequence (train's default); flat: a micro-batch in one row."})
     quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
     double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit scales too."})
     optim: str = field(default="adamw_torch_fused", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})

@@ -117,9 +117,10 @@ def test_paged_optimizer_state_is_outside_the_allocator(tiny_model):
     assert optimizer_bytes(replace(inputs, optim="adamw_8bit")) == (paged, 0)
 
 
-def saved_by_middle_layer(model, tokens: int, rows: int) -> int:
+def saved_by_middle_layer(model, batch: int, length: int, layout: str) -> int:
     """Bytes autograd saves for the backward of decoder layer 1 of 2 (storages first saved there:
-    the rotary tables, shared by all layers, count where layer 0 saved them)."""
+    the rotary tables, shared by all layers, count where layer 0 saved them). Each packed
+    sequence holds two examples; `flat` joins the batch in one row, `rows` keeps a row each."""
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     layer = model.get_base_model().model.layers[1]
     state = {"on": False, "seen": set(), "bytes": 0}
@@ -133,9 +134,10 @@ def saved_by_middle_layer(model, tokens: int, rows: int) -> int:
 
     layer.register_forward_pre_hook(lambda *_: state.update(on=True))
     layer.register_forward_hook(lambda *_: state.update(on=False))
-    length = tokens // rows
-    ids = torch.randint(4, 500, (1, tokens))
-    positions = torch.arange(length).repeat(rows)[None]  # packed as TRL packs: one row, positions restart
+    positions = torch.arange(length // 2).repeat(2 * batch).view(batch, length)  # positions restart per example
+    if layout == "flat":
+        positions = positions.view(1, batch * length)
+    ids = torch.randint(4, 500, positions.shape)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, position_ids=positions)
     return state["bytes"]
@@ -143,19 +145,20 @@ def saved_by_middle_layer(model, tokens: int, rows: int) -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(
-    "bits,dropout,batch,length,targets",
-    [(4, 0.05, 2, 32, LORA_TARGETS), (16, 0.05, 3, 16, LORA_TARGETS), (4, 0.0, 2, 32, LORA_TARGETS),
-     (8, 0.05, 2, 32, LORA_TARGETS), (4, 0.05, 2, 32, ("q_proj", "down_proj"))],
+    "bits,dropout,batch,length,targets,layout",
+    [(4, 0.05, 2, 32, LORA_TARGETS, "flat"), (16, 0.05, 3, 16, LORA_TARGETS, "flat"), (4, 0.0, 2, 32, LORA_TARGETS, "rows"),
+     (8, 0.05, 2, 32, LORA_TARGETS, "rows"), (4, 0.05, 4, 16, ("q_proj", "down_proj"), "rows")],
 )
-def test_layer_activations_equal_what_autograd_saves(tiny_models, family, bits, dropout, batch, length, targets):
+def test_layer_activations_equal_what_autograd_saves(tiny_models, family, bits, dropout, batch, length, targets, layout):
     model, cfg = load(tiny_models[family], bits=bits, lora_dropout=dropout, lora_targets=list(targets), gradient_checkpointing=False)
     model = attach_lora(model, cfg)
     model.enable_input_require_grads()  # as under gradient checkpointing: every layer's input needs a gradient
     model.train()
     predicted = layer_activation_bytes(
-        cpu_inputs(tiny_models[family], bits=bits, lora_dropout=dropout, lora_targets=targets, batch_size=batch, max_seq_length=length)
+        cpu_inputs(tiny_models[family], bits=bits, lora_dropout=dropout, lora_targets=targets, batch_size=batch,
+                   max_seq_length=length, packing_layout=layout)
     )
-    assert saved_by_middle_layer(model, batch * length, batch) == predicted
+    assert saved_by_middle_layer(model, batch, length, layout) == predicted
 
 
 def test_int8_layer_inputs_stay_past_gradient_checkpointing(tiny_model):
@@ -217,9 +220,18 @@ MEASURED = [
 
 @pytest.mark.parametrize("shape,settings,allocated,nvml", MEASURED)
 def test_predictions_of_the_measured_runs_meet_the_target(shape, settings, allocated, nvml):
-    p = build_plan(PlanInputs(shape(), **settings), GPUS["h200"])
+    # these runs packed TRL's way, a micro-batch in one row
+    p = build_plan(PlanInputs(shape(), packing_layout="flat", **settings), GPUS["h200"])
     assert p.peak_allocated_gib == pytest.approx(allocated, rel=0.10)
     assert p.peak_nvml_gib == pytest.approx(nvml, rel=0.15)
+
+
+@pytest.mark.parametrize("shape,allocated", [(gemma_2b, 6.611), (gemma_3_270m, 1.037)])
+def test_16bit_runs_hold_the_fp32_cast_of_the_lora_input(shape, allocated):
+    """On a 16-bit model PEFT casts each LoRA input to its fp32 weights' dtype, so the recomputed
+    down_proj holds the product in fp32 twice: without that term the 2B prediction is 7 % low."""
+    p = build_plan(PlanInputs(shape(), bits=16, optim="paged_adamw_8bit", packing_layout="flat"), GPUS["h200"])
+    assert p.peak_allocated_gib == pytest.approx(allocated, rel=0.03)
 
 
 def test_checkpointing_and_batch_move_the_peak_not_the_load():
