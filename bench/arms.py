@@ -1,0 +1,276 @@
+"""The arms: what each one trains with, and how its trainer is built.
+
+Families:
+    plain    plain Hugging Face as the old notebooks wrote it (a reference, not the bar):
+             PEFT's prepare_model_for_kbit_training, LoRA dropout 0.05, 8-bit AdamW
+    trl      plain TRL as its documentation shows it: SFTTrainer(model, peft_config=LoraConfig(...))
+             on a BitsAndBytesConfig model, no explicit k-bit preparation, LoRA dropout 0
+    unsloth  Unsloth's fast path: FastLanguageModel, LoRA dropout 0, its offloaded checkpointing
+    pkg      gemma_qlora's load_model + attach_lora + make_trainer, at the TrainConfig defaults or
+             with the fields named in the arm's settings (the levers)
+
+Every arm trains LoRA r=8 alpha 16 on the seven projections, 8 x 512 tokens a step (but the
+`-old` arms), gradient checkpointing, on the same quotes; trl, unsloth and pkg use fused AdamW.
+Each builder returns a ready SFTTrainer; the worker trains and measures it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gemma_qlora.config import LORA_TARGETS
+
+# how the examples of a batch are laid out, for the table
+PACKING = {
+    "wrapped": "wrapped: examples attend to each other",
+    "flat": "BFD, kept apart, one flattened row",
+    "rows": "BFD, kept apart, rows",
+    "unpacked": "unpacked, padded",
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    bits: int
+    family: str  # plain | trl | unsloth | pkg
+    what: str  # one line for the table
+    settings: dict = field(default_factory=dict)  # pkg: TrainConfig fields; trl, unsloth: packing_strategy
+
+
+def _pkg(bits: int, what: str, **settings) -> Arm:
+    return Arm(bits, "pkg", what, settings)
+
+
+ARMS = {
+    "plain-4bit-old": Arm(4, "plain", "old notebook recipe, batch 1 x accum 4, unpacked (reference)", {"old": True}),
+    "plain-8bit-old": Arm(8, "plain", "old notebook recipe, batch 1 x accum 4, unpacked (reference)", {"old": True}),
+    "plain-4bit": Arm(4, "plain", "old notebook recipe at 8 x 512 (reference, not the bar)"),
+    "plain-8bit": Arm(8, "plain", "old notebook recipe at 8 x 512 (reference, not the bar)"),
+    "trl-4bit-wrapped": Arm(4, "trl", "plain TRL, SFTTrainer(peft_config=...)", {"packing_strategy": "wrapped"}),
+    "trl-4bit-bfd": Arm(4, "trl", "plain TRL, SFTTrainer(peft_config=...)", {"packing_strategy": "bfd"}),
+    "trl-8bit-wrapped": Arm(8, "trl", "plain TRL, SFTTrainer(peft_config=...)", {"packing_strategy": "wrapped"}),
+    "trl-8bit-bfd": Arm(8, "trl", "plain TRL, SFTTrainer(peft_config=...)", {"packing_strategy": "bfd"}),
+    "unsloth-4bit": Arm(4, "unsloth", "Unsloth FastLanguageModel (its fast path)", {"packing_strategy": "wrapped"}),
+    "unsloth-4bit-bfd": Arm(4, "unsloth", "Unsloth FastLanguageModel", {"packing_strategy": "bfd"}),
+    "unsloth-8bit": Arm(8, "unsloth", "Unsloth FastLanguageModel, load_in_8bit", {"packing_strategy": "wrapped"}),
+    "pkg-4bit": _pkg(4, "gemma_qlora defaults"),
+    "pkg-8bit": _pkg(8, "gemma_qlora defaults"),
+    "pkg-16bit": _pkg(16, "gemma_qlora defaults, no quantization"),
+    # levers: the package with one or two TrainConfig fields changed
+    "pkg-4bit-rows": _pkg(4, "gemma_qlora, packing_layout rows", packing_layout="rows"),
+    "pkg-4bit-rows-no-dropout": _pkg(4, "gemma_qlora, rows, LoRA dropout 0", packing_layout="rows", lora_dropout=0.0),
+    "pkg-4bit-rows-compile": _pkg(4, "gemma_qlora, rows, torch_compile", packing_layout="rows", torch_compile=True),
+    "pkg-4bit-rows-flex": _pkg(4, "gemma_qlora, rows, flex attention", packing_layout="rows", attn_implementation="flex_attention"),
+    "pkg-4bit-flat": _pkg(4, "gemma_qlora, packing_layout flat", packing_layout="flat"),
+    "pkg-8bit-rows": _pkg(8, "gemma_qlora, packing_layout rows", packing_layout="rows"),
+    "pkg-8bit-flat": _pkg(8, "gemma_qlora, packing_layout flat", packing_layout="flat"),
+    "pkg-8bit-compile": _pkg(8, "gemma_qlora, torch_compile", torch_compile=True),
+    "pkg-4bit-peft-prepare": _pkg(4, "gemma_qlora, PEFT's k-bit preparation (fp32 copy)", lean_prepare=False),
+    "pkg-4bit-no-checkpointing": _pkg(4, "gemma_qlora, no gradient checkpointing", gradient_checkpointing=False),
+    "pkg-4bit-unpacked": _pkg(4, "gemma_qlora, padded batches of 8 quotes", packing=False),
+    "pkg-4bit-no-dropout": _pkg(4, "gemma_qlora, LoRA dropout 0", lora_dropout=0.0),
+    "pkg-4bit-liger": _pkg(4, "gemma_qlora, Liger kernels", liger_kernel=True),
+    "pkg-4bit-compile": _pkg(4, "gemma_qlora, torch_compile", torch_compile=True),
+    "pkg-4bit-16x512": _pkg(4, "gemma_qlora, micro-batch 16 x 512", batch_size=16),
+    "pkg-4bit-paged-adamw": _pkg(4, "gemma_qlora, bitsandbytes' paged 8-bit AdamW", optim="paged_adamw_8bit"),
+}
+# in the order they run: the bars and the package's 4-bit path first, so that a run cut short by
+# its time limit keeps the comparison that matters most
+DEFAULT_ARMS = [
+    "unsloth-4bit", "trl-4bit-wrapped", "pkg-4bit", "pkg-4bit-flat", "pkg-4bit-rows-no-dropout", "pkg-4bit-rows-compile",
+    "trl-4bit-bfd", "unsloth-4bit-bfd", "plain-4bit", "trl-8bit-wrapped", "pkg-8bit", "pkg-8bit-flat",
+]
+
+# Ratios set each arm against the bar of its bits (the first of these that ran) and against the
+# old notebook recipe at the same batch shape. 16-bit is set against 4-bit, the setting it would replace.
+BAR = {4: ["unsloth-4bit", "trl-4bit-wrapped"], 8: ["trl-8bit-wrapped"], 16: ["unsloth-4bit", "trl-4bit-wrapped"]}
+PLAIN = {4: ["plain-4bit"], 8: ["plain-8bit"], 16: ["plain-4bit"]}
+
+
+def compute_dtype(force_fp16: bool):
+    """The package's hardware rule (bf16 GPU, fp16 T4, fp32 CPU): a fair baseline differs in
+    its recipe, not in the dtype it is given."""
+    from gemma_qlora.quant import detect_precision
+
+    return detect_precision(force_fp16=force_fp16).compute_dtype
+
+
+def quote_dataset(records: list[dict], eos_token: str):
+    """The one `text` column the plain, trl and unsloth arms train on: the text the package builds."""
+    from datasets import Dataset
+
+    from gemma_qlora.data import format_quote
+
+    return Dataset.from_list([{"text": format_quote(r["quote"], r["author"], eos_token)} for r in records])
+
+
+def sft_config(s, dtype, output_dir: Path, **fields):
+    """SFTConfig for the non-package arms: 8 x 512 packed, every step logged, nothing saved.
+    On CPU the 8-bit optimizers do not exist: adamw_torch."""
+    import torch
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        max_length=512,
+        packing=True,
+        optim="adamw_torch_fused",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        learning_rate=2e-4,
+        warmup_steps=2,
+        max_steps=s.warmup + s.steps + s.profile,
+        logging_steps=1,
+        seed=s.seed,
+        save_strategy="no",
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not cuda,
+    )
+    settings.update(fields)
+    if not cuda and "8bit" in settings["optim"]:
+        settings["optim"] = "adamw_torch"
+    return SFTConfig(**settings)
+
+
+def bnb_config(bits: int, dtype):
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_quantized(s, bits: int, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(s.model_dir)
+    # dtype given explicitly: a bf16 model under fp16=True fails at the first optimizer step
+    model = AutoModelForCausalLM.from_pretrained(
+        s.model_dir, quantization_config=bnb_config(bits, dtype), dtype=dtype,
+        device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
+    )
+    return model, tokenizer
+
+
+def build_plain(arm: str, s, records: list[dict], recorder, timer):
+    """The old notebooks' recipe, written inline as they wrote it: BitsAndBytesConfig,
+    from_pretrained, prepare_model_for_kbit_training, LoraConfig, SFTTrainer. Deliberately not the package."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from trl import SFTTrainer
+
+    spec, dtype = ARMS[arm], compute_dtype(s.fp16)
+    with recorder.phase("load"):
+        model, tokenizer = load_quantized(s, spec.bits, dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none",
+                                             task_type="CAUSAL_LM"))
+    old = spec.settings.get("old", False)
+    args = sft_config(
+        s, dtype, Path(s.out) / "arms" / arm, gradient_checkpointing=True,
+        per_device_train_batch_size=1 if old else 8, gradient_accumulation_steps=4 if old else 1, packing=not old,
+        max_length=1024 if old else 512,  # 1024: TRL's default, which the old notebooks kept
+        optim="paged_adamw_8bit" if old else "adamw_8bit",
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=quote_dataset(records, tokenizer.eos_token),
+                      processing_class=tokenizer, callbacks=[timer])
+
+
+def build_trl(arm: str, s, records: list[dict], recorder, timer):
+    """Plain TRL as its PEFT documentation shows it: the quantized model and a LoraConfig handed
+    to SFTTrainer, which attaches the adapter itself."""
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    spec, dtype = ARMS[arm], compute_dtype(s.fp16)
+    with recorder.phase("load"):
+        model, tokenizer = load_quantized(s, spec.bits, dtype)
+    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    args = sft_config(s, dtype, Path(s.out) / "arms" / arm, gradient_checkpointing=True, **spec.settings)
+    return SFTTrainer(model=model, args=args, train_dataset=quote_dataset(records, tokenizer.eos_token),
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+
+
+def build_unsloth(arm: str, s, records: list[dict], recorder, timer):
+    """Unsloth's loader and LoRA as its notebooks use them (dropout 0, its offloaded gradient
+    checkpointing), with TRL's trainer, which Unsloth patches when it is imported first."""
+    from trl import SFTTrainer
+    from unsloth import FastLanguageModel
+
+    spec, dtype = ARMS[arm], compute_dtype(s.fp16)
+    with recorder.phase("load"):
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            s.model_dir, max_seq_length=512, dtype=dtype, load_in_4bit=spec.bits == 4, load_in_8bit=spec.bits == 8
+        )
+    model = FastLanguageModel.get_peft_model(
+        model, r=8, lora_alpha=16, lora_dropout=0, target_modules=LORA_TARGETS, bias="none",
+        use_gradient_checkpointing="unsloth", random_state=s.seed,
+    )
+    args = sft_config(s, dtype, Path(s.out) / "arms" / arm, **spec.settings)
+    return SFTTrainer(model=model, args=args, train_dataset=quote_dataset(records, tokenizer.eos_token),
+                      processing_class=tokenizer, callbacks=[timer])
+
+
+def build_pkg(arm: str, s, records: list[dict], recorder, timer):
+    """The package's own path, called as its training recipe calls it, at the TrainConfig
+    defaults but for the arm's settings. Evaluation is pushed past the last step so that it
+    never runs inside the timed steps."""
+    from datasets import Dataset, DatasetDict
+
+    from gemma_qlora.config import TrainConfig
+    from gemma_qlora.lora import attach_lora
+    from gemma_qlora.model import load_model
+    from gemma_qlora.quant import detect_precision
+    from gemma_qlora.trainer import make_trainer
+
+    max_steps = s.warmup + s.steps + s.profile
+    cfg = TrainConfig(
+        model=s.model_dir, bits=ARMS[arm].bits, steps=max_steps, logging_steps=1, eval_steps=max_steps + 1, seed=s.seed,
+        force_fp16=s.fp16, gpu_memory_gib=s.gpu_memory_gib, output_dir=str(Path(s.out) / "arms"), run_name=arm,
+        **ARMS[arm].settings,
+    )
+    precision = detect_precision(force_fp16=cfg.force_fp16)
+    with recorder.phase("load"):
+        model, tokenizer = load_model(cfg, precision)
+    model = attach_lora(model, cfg)
+    # all quotes train, as in the other arms; the held-out split make_trainer wants is never evaluated
+    quotes = DatasetDict(train=Dataset.from_list(records), test=Dataset.from_list(records[: cfg.batch_size]))
+    return make_trainer(cfg, model, tokenizer, quotes, precision=precision, output_dir=Path(s.out) / "arms" / arm,
+                        callbacks=[timer])
+
+
+BUILDERS = {"plain": build_plain, "trl": build_trl, "unsloth": build_unsloth, "pkg": build_pkg}
+
+
+def describe(arm: str, trainer) -> dict:
+    """What the table says about an arm's recipe, read off the trainer it built."""
+    args, model, spec = trainer.args, trainer.model, ARMS[arm]
+    if not args.packing:
+        layout = "unpacked"
+    elif args.packing_strategy == "wrapped":
+        layout = "wrapped"
+    else:
+        layout = "rows" if type(trainer.data_collator).__name__ == "RowCollator" else "flat"
+    dropout = next((m.p for name, m in model.named_modules() if name.endswith("lora_dropout.default") and hasattr(m, "p")), 0.0)
+    if spec.bits == 16:
+        preparation = "none (16-bit)"
+    elif spec.family == "pkg":
+        preparation = "gemma_qlora lean (no fp32 copy)" if spec.settings.get("lean_prepare", True) else "prepare_model_for_kbit_training"
+    else:
+        preparation = {"plain": "prepare_model_for_kbit_training", "trl": "none (TRL with peft_config)", "unsloth": "unsloth"}[spec.family]
+    return {
+        "what": spec.what,
+        "packing_layout": layout,
+        "lora_dropout": dropout,
+        "kbit_preparation": preparation,
+        "gradient_checkpointing": "unsloth (offloaded)" if spec.family == "unsloth" else args.gradient_checkpointing,
+        "compiled": bool(spec.settings.get("torch_compile")),
+    }
