@@ -74,7 +74,7 @@ def describe_model(m: dict) -> str:
     f = m["fields"]
     return (f"`{m['shape']}` shape, **random weights** ({m['config_class']} hidden {f['hidden_size']}, "
             f"intermediate {f['intermediate_size']}, {f['num_hidden_layers']} layers, {f['num_attention_heads']} heads / "
-            f"{f['num_key_value_heads']} KV, vocab {f['vocab_size']:,}; {m['parameters'] / 1e6:,.0f}M parameters; "
+            f"{f['num_key_value_heads']} KV, vocab {f['vocab_size']:,}; {m['parameters'] / 1e6:,.{0 if m['parameters'] >= 1e7 else 2}f}M parameters; "
             f"bf16 safetensors loaded with from_pretrained; BPE tokenizer of {m['tokenizer_vocab']:,} trained on the quotes)")
 
 
@@ -169,7 +169,7 @@ def save_plots(report: dict, out: Path) -> None:
     bars = ax.bar(names, [a["tokens_per_second"] for a in arms], color=colors, hatch=hatches, edgecolor="white")
     ax.bar_label(bars, labels=[f"{a['tokens_per_second']:,.0f}" for a in arms], fontsize=8)
     ax.set_ylabel("training tokens/s (non-pad)")
-    ax.set_title(f"Speed: {title}\n{versions}; hatched: wrapped rows (examples attend to each other)", fontsize=9)
+    ax.set_title(f"Speed: {title}\n{versions}\nhatched: wrapped rows (examples attend to each other)", fontsize=9)
     ax.tick_params(axis="x", rotation=35, labelsize=8)
     fig.tight_layout()
     fig.savefig(out / "bench_speed.png", dpi=120)
