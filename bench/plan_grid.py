@@ -171,7 +171,9 @@ def run_worker(job: dict) -> None:
             else:
                 model.gradient_checkpointing_disable()
             pcfg = replace(cfg, batch_size=b, max_seq_length=s, gradient_checkpointing=ckpt)
+            t0 = time.time()
             trainer = make_trainer(pcfg, model, tokenizer, data, precision=precision, output_dir=work / "checkpoints")
+            point["setup_seconds"] = time.time() - t0
             collator = trainer.data_collator
             point["layout"] = "flat" if getattr(collator, "padding_free", False) else "rows"
             gc.collect()
@@ -232,12 +234,14 @@ def error(pred: float | None, meas: float | None) -> float | None:
 
 def build_report(records: list[dict], settings: dict) -> dict:
     points = [r for r in records if r["kind"] == "point"]
+    device = next((r for r in records if r["kind"] == "device"), {})
+    gpu = device.get("cuda") is not None  # on CPU the recorder reads RSS: nothing to compare
     for r in points:
-        if r["status"] == "ok":
+        if r["status"] == "ok" and gpu:
             r["err_allocated"] = error(r["pred_allocated_gib"], r["allocated_peak_gib"])
             r["err_nvml"] = error(r["pred_nvml_gib"], r["nvml_peak_gib"])
     loads = [r for r in records if r["kind"] == "load"]
-    for r in loads:
+    for r in loads if gpu else []:
         r["err_allocated"] = error(r["pred_allocated_gib"], r["allocated_gib"])
         r["err_nvml"] = error(r["pred_nvml_gib"], r["nvml_gib"])
     ok = [r for r in points if r["status"] == "ok" and r.get("err_allocated") is not None and r.get("err_nvml") is not None]
@@ -251,7 +255,6 @@ def build_report(records: list[dict], settings: dict) -> dict:
         "fit_checks": [{"point": f"{r['bits']}-bit {r['batch']}x{r['length']}", "predicted_fits": r["pred_fits_cap"],
                         "measured": r["status"]} for r in points if "pred_fits_cap" in r and r["status"] != "skipped"],
     }
-    device = next((r for r in records if r["kind"] == "device"), {})
     return {"settings": settings, "device": device, "summary": summary, "loads": loads, "points": points}
 
 
@@ -290,12 +293,12 @@ def markdown(report: dict) -> str:
             lines.append(head + f" {r.get('tokens_per_step', 0):,.0f} | **out of memory**{fit} / {gib(r['pred_allocated_gib'])} | | | | {r['pred_phase']} |")
             continue
         lines.append(head + f" {r['tokens_per_step']:,.0f} | {gib(r['allocated_peak_gib'])} / {gib(r['pred_allocated_gib'])}{fit} | "
-                     f"{pct(r['err_allocated'])} | {gib(r['nvml_peak_gib'])} / {gib(r['pred_nvml_gib'])} | {pct(r['err_nvml'])} | {r['pred_phase']} |")
+                     f"{pct(r.get('err_allocated'))} | {gib(r['nvml_peak_gib'])} / {gib(r['pred_nvml_gib'])} | {pct(r.get('err_nvml'))} | {r['pred_phase']} |")
     lines += ["", "After loading:", "", "| model | bits | dtype | allocated: measured / predicted | NVML: measured / predicted |", "|---|--:|---|---|---|"]
     for r in report["loads"]:
         dtype = "fp16" if r["group"].endswith("fp16") else "bf16"
-        lines.append(f"| {r['model']} | {r['bits']} | {dtype} | {gib(r['allocated_gib'])} / {gib(r['pred_allocated_gib'])} ({pct(r['err_allocated'])}) "
-                     f"| {gib(r['nvml_gib'])} / {gib(r['pred_nvml_gib'])} ({pct(r['err_nvml'])}) |")
+        lines.append(f"| {r['model']} | {r['bits']} | {dtype} | {gib(r['allocated_gib'])} / {gib(r['pred_allocated_gib'])} "
+                     f"({pct(r.get('err_allocated'))}) | {gib(r['nvml_gib'])} / {gib(r['pred_nvml_gib'])} ({pct(r.get('err_nvml'))}) |")
     outside = [r for r in report["points"] if r["status"] == "ok" and r.get("err_allocated") is not None
                and (abs(r["err_allocated"]) > 0.10 or abs(r["err_nvml"]) > 0.15)]
     if outside:
@@ -310,6 +313,7 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     ok = [r for r in report["points"] if r["status"] == "ok" and r.get("err_allocated") is not None]
     if not ok:
@@ -328,6 +332,9 @@ def plot(report: dict, path: Path) -> None:
             ax.scatter(m, p, color=colors[r["bits"]], marker=marker, s=22, edgecolors="white" if r["ckpt"] else "red", linewidths=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_xlabel(f"measured {title}, GiB")
