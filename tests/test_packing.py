@@ -104,7 +104,7 @@ def test_padding_is_neither_a_target_nor_a_counted_token(tokenizer, bins):
     assert real.sum(dim=1).tolist() == lengths
     # targets: every token but each example's first (no target across examples), never padding
     assert (batch["labels"][~real] == -100).all()
-    assert (batch["labels"] != -100).sum() == sum(len(e["seq_lengths"]) and sum(e["seq_lengths"]) - len(e["seq_lengths"]) for e in examples)
+    assert (batch["labels"] != -100).sum() == sum(sum(e["seq_lengths"]) - len(e["seq_lengths"]) for e in examples)
     # position ids restart at every example and run on through the padding
     positions = batch["position_ids"][2].tolist()
     expected = [p for n in examples[2]["seq_lengths"] for p in range(n)]

@@ -12,7 +12,7 @@ bash bench/lab/install_wheels.sh || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 mkdir -p /root/r
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout "${LIMIT:-500}" python3 bench/bench.py --out "/root/r/$name" --unsloth-path /tmp/site-unsloth \
+timeout "${LIMIT:-540}" python3 bench/bench.py --out "/root/r/$name" --unsloth-path /tmp/site-unsloth \
   --timeout "${ARM_TIMEOUT:-150}" "$@" > "/root/r/$name.log" 2>&1
 echo "bench exit status $?"
 grep -E "^\[|^model:" "/root/r/$name.log"
