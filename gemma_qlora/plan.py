@@ -97,8 +97,7 @@ def current_gpu(cap_gib: float | None = None) -> GPU:
     total = props.total_memory / GIB
     known = next((g for g in GPUS.values() if g.name.split()[0].lower() in props.name.lower()), None)
     gpu = replace(known, total_gib=total) if known else GPU(props.name, total, bf16=props.major >= 8)
-    if props.major == 9 or props.major >= 10:
-        gpu = replace(gpu, workspace_mib=32.0)
+    gpu = replace(gpu, workspace_mib=32.0 if props.major >= 9 else 8.125)
     return replace(gpu, total_gib=min(total, cap_gib)) if cap_gib else gpu
 
 

@@ -332,3 +332,17 @@ def test_gpu_names_and_sizes():
     assert parse_gpu("T4") is GPUS["t4"] and parse_gpu("24").total_gib == 24.0
     with pytest.raises(UserError, match="between 1 and 4096"):
         parse_gpu("0")
+
+
+def test_current_gpu_reads_the_device(monkeypatch):
+    # only the device query is replaced: CI has no GPU
+    from types import SimpleNamespace
+
+    from gemma_qlora.plan import current_gpu
+
+    t4 = SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30, major=7, minor=5)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: t4)
+    gpu = current_gpu()
+    assert (gpu.name, gpu.bf16, gpu.total_gib, gpu.workspace_mib) == ("T4", False, 15.0, 8.125)
+    assert current_gpu(cap_gib=10).total_gib == 10
