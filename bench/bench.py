@@ -15,11 +15,11 @@ levers: the package with TrainConfig fields changed). See bench/README.md.
 
 Usage:
     python bench/bench.py                                  # Gemma-2B shape, random weights, the default arms
-    python bench/bench.py --arms trl-4bit-wrapped,pkg-4bit,pkg-4bit-rows
+    python bench/bench.py --arms trl-4bit-wrapped,pkg-4bit,pkg-4bit-flat
     python bench/bench.py --shape 270m --arms pkg-4bit,pkg-8bit
     python bench/bench.py --shape /models/gemma-2b         # a real checkpoint folder
     python bench/bench.py --fp16 --gpu-memory-gib 15       # T4 emulation on a bigger GPU
-    python bench/bench.py --cpus 0,1 --arms pkg-4bit-rows-compile   # a 2-core host, as on Colab
+    python bench/bench.py --cpus 0,1 --arms pkg-4bit,pkg-4bit-rows-compile  # a 2-core host, as on Colab
     python bench/bench.py --unsloth-path /tmp/site-unsloth # Unsloth arms on their own libraries
     python bench/bench.py --shape tiny --steps 3 --warmup 1  # CPU smoke test
     python bench/bench.py --arms pkg-4bit --profile 3      # where the time goes
@@ -56,6 +56,7 @@ class Settings:
     profile: int = 0  # steps profiled after the timed ones (0: none)
     cpus: str | None = None  # pin every arm's process to these CPUs, e.g. "0,1" (Colab's 2 cores)
     unsloth_path: str | None = None  # PYTHONPATH of the Unsloth arms (their transformers and TRL)
+    prestart: bool = True  # start the next arm's process (its imports) while an arm trains
     replot: bool = False  # only redraw the plots of <out>/bench.json
     worker: str | None = None  # internal: run this one arm in this process
     wait: bool = False  # internal: wait for a go line on stdin before the GPU work
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--profile", type=int, default=0, help="steps to profile after the timed ones (0: none)")
     p.add_argument("--cpus", help="pin each arm's process (and its compile workers) to these CPUs, e.g. 0,1 as on Colab")
     p.add_argument("--unsloth-path", help="PYTHONPATH for the Unsloth arms instead of this one's (os.pathsep list)")
+    p.add_argument("--prestart", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the next arm's process while an arm trains, so that its imports (CPU only) overlap "
+                   "(default; off with --cpus)")
     p.add_argument("--replot", action="store_true", help="only redraw the plots from <out>/bench.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)

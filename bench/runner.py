@@ -4,7 +4,8 @@ The parent never touches CUDA. Each arm runs `bench.py --worker ARM` in a fresh 
 after the other, so that no arm inherits another's CUDA context, allocator cache or library
 patches. While an arm runs, the next arm's process is already started and imports its libraries
 (CPU work only: it waits for the go line before it creates a CUDA context), which hides about 15 s
-of imports per arm; --cpus turns that off, so that a pinned arm has its CPUs to itself.
+of imports per arm; --no-prestart turns that off, and so does --cpus, so that a pinned arm has its
+CPUs to itself.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def main_parent(s) -> int:
     no_unsloth = unsloth_missing(s) if any(ARMS[a].family == "unsloth" for a in arms) else None
     runnable = [a for a in arms if not (ARMS[a].family == "unsloth" and no_unsloth)]
     start = lambda arm: Worker(arm, s, model_dir, model_info["random_weights"])  # noqa: E731
-    prestart = not s.cpus
+    prestart = s.prestart and not s.cpus
     # a SIGTERM (the shell's `timeout`) ends the run like Ctrl-C: children killed, report kept
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     current = upcoming = None
