@@ -63,7 +63,7 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_random(shape: str, folder: Path) -> None:
+def build_random(shape: str, *, folder: Path) -> None:
     """A random-weight checkpoint of `shape`, made on the GPU (seconds, not minutes on the CPU),
     saved in bf16 with the 8,000-token quotes tokenizer; in this process, which then exits."""
     import torch
@@ -82,7 +82,7 @@ def build_random(shape: str, folder: Path) -> None:
     os.replace(partial, folder)
 
 
-def model_folder(kind: str, spec: str, cache: Path, logfile) -> tuple[str, str]:
+def model_folder(kind: str, *, spec: str, cache: Path, logfile) -> tuple[str, str]:
     """(folder, label) of the model: 2b -> the random shape; 270m -> the embedded Gemma 3 270M
     (spec 'embedded'), a folder, or 'random'."""
     if kind == "270m" and spec != "random":
@@ -204,7 +204,7 @@ def run_worker(job: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def predict(record: dict, folder: str, fp16: bool, cap: float | None) -> dict:
+def predict(record: dict, *, folder: str, fp16: bool, cap: float | None) -> dict:
     """The planner's figures for one measured point, on the GPU it ran on."""
     from gemma_qlora.plan import GPUS, PlanInputs, build_plan, load_shape
 
@@ -213,7 +213,7 @@ def predict(record: dict, folder: str, fp16: bool, cap: float | None) -> dict:
                         gradient_checkpointing=record["ckpt"], dtype="float16" if fp16 else "bfloat16",
                         packing_layout=record.get("layout", "flat"))
     gpu = GPUS["h200"]
-    p = build_plan(inputs, gpu)
+    p = build_plan(inputs, gpu=gpu)
     result = {"pred_allocated_gib": p.peak_allocated_gib, "pred_reserved_gib": p.peak_reserved_gib,
               "pred_nvml_gib": p.peak_nvml_gib, "pred_phase": p.peak_phase}
     if cap:  # the cap binds the allocator only: the context lies outside it
@@ -221,29 +221,29 @@ def predict(record: dict, folder: str, fp16: bool, cap: float | None) -> dict:
     return result
 
 
-def predict_load(record: dict, folder: str, fp16: bool) -> dict:
+def predict_load(record: dict, *, folder: str, fp16: bool) -> dict:
     from gemma_qlora.plan import GPUS, PlanInputs, build_plan, load_shape
 
-    p = build_plan(PlanInputs(load_shape(folder), bits=record["bits"], dtype="float16" if fp16 else "bfloat16"), GPUS["h200"])
+    p = build_plan(PlanInputs(load_shape(folder), bits=record["bits"], dtype="float16" if fp16 else "bfloat16"), gpu=GPUS["h200"])
     return {"pred_allocated_gib": p.after_load_allocated_gib, "pred_nvml_gib": p.after_load_nvml_gib}
 
 
-def error(pred: float | None, meas: float | None) -> float | None:
-    return None if not pred or not meas else pred / meas - 1
+def relative_error(predicted: float | None, *, measured: float | None) -> float | None:
+    return None if not predicted or not measured else predicted / measured - 1
 
 
-def build_report(records: list[dict], settings: dict) -> dict:
+def build_report(records: list[dict], *, settings: dict) -> dict:
     points = [r for r in records if r["kind"] == "point"]
     device = next((r for r in records if r["kind"] == "device"), {})
     gpu = device.get("cuda") is not None  # on CPU the recorder reads RSS: nothing to compare
     for r in points:
         if r["status"] == "ok" and gpu:
-            r["err_allocated"] = error(r["pred_allocated_gib"], r["allocated_peak_gib"])
-            r["err_nvml"] = error(r["pred_nvml_gib"], r["nvml_peak_gib"])
+            r["err_allocated"] = relative_error(r["pred_allocated_gib"], measured=r["allocated_peak_gib"])
+            r["err_nvml"] = relative_error(r["pred_nvml_gib"], measured=r["nvml_peak_gib"])
     loads = [r for r in records if r["kind"] == "load"]
     for r in loads if gpu else []:
-        r["err_allocated"] = error(r["pred_allocated_gib"], r["allocated_gib"])
-        r["err_nvml"] = error(r["pred_nvml_gib"], r["nvml_gib"])
+        r["err_allocated"] = relative_error(r["pred_allocated_gib"], measured=r["allocated_gib"])
+        r["err_nvml"] = relative_error(r["pred_nvml_gib"], measured=r["nvml_gib"])
     ok = [r for r in points if r["status"] == "ok" and r.get("err_allocated") is not None and r.get("err_nvml") is not None]
     summary = {
         "points": len(points), "measured": len(ok), "oom": sum(r["status"] == "oom" for r in points),
@@ -308,7 +308,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, *, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,10 +352,10 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, out: Path) -> None:
+def write_outputs(report: dict, *, out: Path) -> None:
     (out / "plan_grid.json").write_text(json.dumps(report, indent=2))
     (out / "plan_grid.md").write_text(markdown(report))
-    plot(report, out / "plan_grid.png")
+    plot(report, path=out / "plan_grid.png")
 
 
 def main_parent(args) -> int:
@@ -363,7 +363,7 @@ def main_parent(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
         report = json.loads((out / "plan_grid.json").read_text())
-        write_outputs(report, out)
+        write_outputs(report, out=out)
         print(markdown(report))
         return 0
     start = time.time()
@@ -381,7 +381,7 @@ def main_parent(args) -> int:
             if kind == "2b" and args.model_2b:
                 folder, label = args.model_2b, "2b shape"
             else:
-                folder, label = model_folder(kind, args.model_270m if kind == "270m" else "random", cache, logfile)
+                folder, label = model_folder(kind, spec=args.model_270m if kind == "270m" else "random", cache=cache, logfile=logfile)
             share = 0.5 if kind == "2b" else 0.55
             groups.append((f"{kind}-bf16", folder, label, False, None, {b: points for b in (4, 8, 16)}, share))
             if kind == "2b" and not args.no_t4:
@@ -410,12 +410,12 @@ def main_parent(args) -> int:
     for r in records:
         _, folder, _, fp16, cap, _, _ = groups_by_name[r["group"]]
         if r["kind"] == "point" and r["status"] != "skipped":
-            r.update(predict(r, folder, fp16, cap))
+            r.update(predict(r, folder=folder, fp16=fp16, cap=cap))
         elif r["kind"] == "load":
-            r.update(predict_load(r, folder, fp16))
-    report = build_report(records, {"budget_s": args.budget, "quick": args.quick, "seconds": time.time() - start,
+            r.update(predict_load(r, folder=folder, fp16=fp16))
+    report = build_report(records, settings={"budget_s": args.budget, "quick": args.quick, "seconds": time.time() - start,
                                     "models": folders})
-    write_outputs(report, out)
+    write_outputs(report, out=out)
     print(markdown(report))
     return 0 if report["summary"]["measured"] else 1
 
@@ -436,7 +436,7 @@ def main() -> int:
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.build:
-        build_random(args.build, Path(args.folder))
+        build_random(args.build, folder=Path(args.folder))
         return 0
     if args.worker:
         job = json.loads(Path(args.worker).read_text())

@@ -147,7 +147,7 @@ class ModelShape:
         return self.num_layers * per_layer + self.vocab_size * self.hidden_size * (1 if self.tied else 2)
 
     @classmethod
-    def from_config(cls, config, name: str) -> ModelShape:
+    def from_config(cls, config, *, name: str) -> ModelShape:
         if getattr(config, "model_type", None) == "gemma3" and hasattr(config, "text_config"):
             config = config.text_config  # multimodal Gemma 3: its language model, which is what trains
         model_type = getattr(config, "model_type", None)
@@ -215,7 +215,7 @@ def _download_config(repo: str) -> Path:
 
 
 def load_shape(model: str) -> ModelShape:
-    return ModelShape.from_config(read_config(model), model)
+    return ModelShape.from_config(read_config(model), name=model)
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,7 @@ class PlanInputs:
         return (1, self.tokens) if flat else (self.batch_size, self.max_seq_length)
 
     @classmethod
-    def from_train_config(cls, cfg, shape: ModelShape, gpu: GPU | None = None) -> PlanInputs:
+    def from_train_config(cls, cfg, *, shape: ModelShape, gpu: GPU | None = None) -> PlanInputs:
         """The plan of a `TrainConfig` on `gpu` (bf16 unless the GPU lacks it or fp16 is forced)."""
         fp16 = bool(getattr(cfg, "force_fp16", False)) or (gpu is not None and not gpu.bf16)
         return cls(
@@ -320,7 +320,7 @@ class PlanInputs:
 # ---------------------------------------------------------------------------------------------
 
 
-def quantized_linear_bytes(n_in: int, n_out: int, inputs: PlanInputs) -> int:
+def quantized_linear_bytes(inputs: PlanInputs, *, n_in: int, n_out: int) -> int:
     """One projection as bitsandbytes stores it.
 
     4-bit: two weights per byte, one absmax per 64 weights (fp32; with double quantization
@@ -344,7 +344,7 @@ def weight_bytes(inputs: PlanInputs) -> dict[str, int]:
     """{"quantized": the decoder's projections, "kept": what the quantizer leaves in the compute
     dtype (embedding, tied to lm_head, or lm_head too when untied; every norm)}."""
     s = inputs.shape
-    linear = s.num_layers * sum(quantized_linear_bytes(a, b, inputs) for a, b in s.linears().values())
+    linear = s.num_layers * sum(quantized_linear_bytes(inputs, n_in=a, n_out=b) for a, b in s.linears().values())
     norms = s.num_layers * s.norms_per_layer * s.hidden_size + s.hidden_size
     if s.qk_norm:
         norms += s.num_layers * 2 * s.head_dim
@@ -518,7 +518,7 @@ class Plan:
         gpu = parse_gpu(gpu) or self.gpu
         if gpu is None:
             raise UserError("Name a GPU to find the largest micro-batch for.")
-        return largest_micro_batch(self.inputs, gpu)
+        return largest_micro_batch(self.inputs, gpu=gpu)
 
     def summary(self) -> str:
         """One line, for notebooks and the out-of-memory advice."""
@@ -533,7 +533,7 @@ class Plan:
         return format_table(self, markdown=markdown)
 
 
-def build_plan(inputs: PlanInputs, gpu: GPU | None = None) -> Plan:
+def build_plan(inputs: PlanInputs, *, gpu: GPU | None = None) -> Plan:
     """Every component of `inputs`, the two phases of a training step, and the totals."""
     g = 1 / GIB
     a = inputs.act_bytes
@@ -603,13 +603,13 @@ def build_plan(inputs: PlanInputs, gpu: GPU | None = None) -> Plan:
     return plan
 
 
-def largest_micro_batch(inputs: PlanInputs, gpu: GPU, limit: int = 4096) -> int:
+def largest_micro_batch(inputs: PlanInputs, *, gpu: GPU, limit: int = 4096) -> int:
     """Binary search over the micro-batch at a fixed sequence length."""
 
     def fits(b: int) -> bool:
         if b * inputs.max_seq_length > MAX_TOKENS:
             return False
-        return build_plan(replace(inputs, batch_size=b), gpu).fits(gpu)
+        return build_plan(replace(inputs, batch_size=b), gpu=gpu).fits(gpu)
 
     if not fits(1):
         return 0
@@ -629,9 +629,9 @@ def choose_micro_batch(inputs: PlanInputs, gpu_gib: float | GPU) -> tuple[int, i
     gpu = gpu_gib if isinstance(gpu_gib, GPU) else parse_gpu(gpu_gib)
     total = inputs.batch_size * inputs.grad_accum
     for micro in sorted((d for d in range(1, total + 1) if total % d == 0), reverse=True):
-        if build_plan(replace(inputs, batch_size=micro, grad_accum=total // micro), gpu).fits(gpu):
+        if build_plan(replace(inputs, batch_size=micro, grad_accum=total // micro), gpu=gpu).fits(gpu):
             return micro, total // micro
-    one = build_plan(replace(inputs, batch_size=1, grad_accum=total), gpu)
+    one = build_plan(replace(inputs, batch_size=1, grad_accum=total), gpu=gpu)
     raise UserError(
         f"Even a micro-batch of 1 x {inputs.max_seq_length} tokens is predicted to need {one.need_gib(gpu):.1f} GiB "
         f"({one.peak_allocated_gib:.1f} allocated + context), more than the {gpu.total_gib:g} GiB of {gpu.name}: "
@@ -656,7 +656,7 @@ def plan(model: str | ModelShape = "embedded", *, gpu: str | float | GPU | None 
     unknown = sorted(set(settings) - fields)
     if unknown:
         raise UserError(f"plan() has no setting {', '.join(unknown)}: use {', '.join(sorted(fields))}.")
-    return build_plan(PlanInputs(shape=shape, **settings), gpu)
+    return build_plan(PlanInputs(shape=shape, **settings), gpu=gpu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,7 +680,7 @@ def verdict_lines(p: Plan) -> list[str]:
     lines = []
     for gpu in gpus:
         mine = p if p.gpu else build_plan(replace(p.inputs, dtype="float16" if not gpu.bf16 else p.inputs.dtype,
-                                                   workspace_mib=gpu.workspace_mib), gpu)
+                                                   workspace_mib=gpu.workspace_mib), gpu=gpu)
         need, ok = mine.need_gib(gpu), mine.fits(gpu)
         largest = mine.largest_micro_batch(gpu)
         lines.append(f"{gpu.name} ({gpu.total_gib:g} GiB): {'fits' if ok else 'does NOT fit'} "
@@ -689,7 +689,7 @@ def verdict_lines(p: Plan) -> list[str]:
     return lines
 
 
-def format_table(p: Plan, markdown: bool = False) -> str:
+def format_table(p: Plan, *, markdown: bool = False) -> str:
     head = headline(p)
     if markdown:
         out = [f"**{head[0]}**  ", head[1], "", "| component | GiB | note |", "|---|--:|---|"]

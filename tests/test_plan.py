@@ -117,7 +117,7 @@ def test_paged_optimizer_state_is_outside_the_allocator(tiny_model):
     assert optimizer_bytes(replace(inputs, optim="adamw_8bit")) == (paged, 0)
 
 
-def saved_by_middle_layer(model, batch: int, length: int, layout: str) -> int:
+def saved_by_middle_layer(model, *, batch: int, length: int, layout: str) -> int:
     """Bytes autograd saves for the backward of decoder layer 1 of 2 (storages first saved there:
     the rotary tables, shared by all layers, count where layer 0 saved them). Each packed
     sequence holds two examples; `flat` joins the batch in one row, `rows` keeps a row each."""
@@ -158,7 +158,7 @@ def test_layer_activations_equal_what_autograd_saves(tiny_models, family, bits, 
         cpu_inputs(tiny_models[family], bits=bits, lora_dropout=dropout, lora_targets=targets, batch_size=batch,
                    max_seq_length=length, packing_layout=layout)
     )
-    assert saved_by_middle_layer(model, batch, length, layout) == predicted
+    assert saved_by_middle_layer(model, batch=batch, length=length, layout=layout) == predicted
 
 
 def test_int8_layer_inputs_stay_past_gradient_checkpointing(tiny_model):
@@ -221,7 +221,7 @@ MEASURED = [
 @pytest.mark.parametrize("shape,settings,allocated,nvml", MEASURED)
 def test_predictions_of_the_measured_runs_meet_the_target(shape, settings, allocated, nvml):
     # these runs packed TRL's way, a micro-batch in one row
-    p = build_plan(PlanInputs(shape(), packing_layout="flat", **settings), GPUS["h200"])
+    p = build_plan(PlanInputs(shape(), packing_layout="flat", **settings), gpu=GPUS["h200"])
     assert p.peak_allocated_gib == pytest.approx(allocated, rel=0.10)
     assert p.peak_nvml_gib == pytest.approx(nvml, rel=0.15)
 
@@ -230,7 +230,7 @@ def test_predictions_of_the_measured_runs_meet_the_target(shape, settings, alloc
 def test_16bit_runs_hold_the_fp32_cast_of_the_lora_input(shape, allocated):
     """On a 16-bit model PEFT casts each LoRA input to its fp32 weights' dtype, so the recomputed
     down_proj holds the product in fp32 twice: without that term the 2B prediction is 7 % low."""
-    p = build_plan(PlanInputs(shape(), bits=16, optim="paged_adamw_8bit", packing_layout="flat"), GPUS["h200"])
+    p = build_plan(PlanInputs(shape(), bits=16, optim="paged_adamw_8bit", packing_layout="flat"), gpu=GPUS["h200"])
     assert p.peak_allocated_gib == pytest.approx(allocated, rel=0.03)
 
 
@@ -245,22 +245,22 @@ def test_checkpointing_and_batch_move_the_peak_not_the_load():
 
 
 def test_fits_and_largest_micro_batch_agree():
-    p = build_plan(PlanInputs(gemma_2b(), dtype="float16"), GPUS["t4"])
+    p = build_plan(PlanInputs(gemma_2b(), dtype="float16"), gpu=GPUS["t4"])
     largest = p.largest_micro_batch()
     assert largest >= 8 and p.fits()
     t4 = GPUS["t4"]
-    assert build_plan(replace(p.inputs, batch_size=largest), t4).fits(t4)
-    assert not build_plan(replace(p.inputs, batch_size=largest + 1), t4).fits(t4)
-    assert build_plan(replace(p.inputs, bits=16, gradient_checkpointing=False), t4).fits(t4) is False
+    assert build_plan(replace(p.inputs, batch_size=largest), gpu=t4).fits(t4)
+    assert not build_plan(replace(p.inputs, batch_size=largest + 1), gpu=t4).fits(t4)
+    assert build_plan(replace(p.inputs, bits=16, gradient_checkpointing=False), gpu=t4).fits(t4) is False
 
 
 def test_choose_micro_batch_keeps_the_global_batch():
     inputs = PlanInputs(gemma_2b(), bits=8, batch_size=64, grad_accum=2, dtype="float16")
     micro, accum = choose_micro_batch(inputs, GPUS["t4"])
     assert micro * accum == 128 and micro < 64
-    assert build_plan(replace(inputs, batch_size=micro), GPUS["t4"]).fits()
+    assert build_plan(replace(inputs, batch_size=micro), gpu=GPUS["t4"]).fits()
     larger = min(d for d in range(micro + 1, 129) if 128 % d == 0)
-    assert not build_plan(replace(inputs, batch_size=larger), GPUS["t4"]).fits()
+    assert not build_plan(replace(inputs, batch_size=larger), gpu=GPUS["t4"]).fits()
     assert choose_micro_batch(replace(inputs, batch_size=4, grad_accum=1), GPUS["h200"]) == (4, 1)
     with pytest.raises(UserError, match="Even a micro-batch of 1"):
         choose_micro_batch(inputs, 2.0)
