@@ -2,7 +2,7 @@
 (the lent GPU machine has none). Values after the path override the cell tagged
 "parameters", papermill-style; figures are saved as PNGs into --figures.
 
-    python bench/run_notebook.py notebooks/X.ipynb --figures out/ MODEL='"embedded"' STEPS=60
+    python bench/lab/run_notebook.py notebooks/X.ipynb --figures out/ MODEL='"embedded"' STEPS=60
 """
 
 from __future__ import annotations
