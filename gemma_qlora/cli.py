@@ -22,6 +22,7 @@ commands:
   plan      predict a run's GPU memory from the model's config.json, and whether it fits a GPU
   export    merge a run's adapter into its base (--into merged) or write GGUF (--into gguf), verified
   generate  stream a run's or a model's continuations of prompts (--run or --model, --prompt)
+  data      show which tokens of your data train and which are masked, and count them (--data, --model, --show N)
 
 `python -m gemma_qlora COMMAND --help` lists the flags."""
 
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
             result = export(parse(ExportConfig, rest, "export"))
             print(f"export verified: {result['out']}")
+        elif command == "data":
+            from gemma_qlora.formats import AuditConfig, audit
+
+            audit(parse(AuditConfig, rest, "data"))
         elif command == "generate":
             from gemma_qlora.chat import GenerateConfig, generate_command
 

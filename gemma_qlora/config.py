@@ -26,6 +26,28 @@ class TrainConfig:
     )
     quote_column: str = field(default="quote", metadata={"help": "Column of --data holding the quote."})
     author_column: str = field(default="author", metadata={"help": "Column of --data holding the author."})
+    data_format: str = field(
+        default="auto",
+        metadata={
+            "help": "What --data holds: quote (quote/author), text (language modelling), prompt_completion (loss on the "
+            "completion only), messages (chat: loss on the assistant turns only); auto: from its columns.",
+            "choices": ["auto", "quote", "text", "prompt_completion", "messages"],
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "Column of --data holding the text (text format)."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column of --data holding the prompt (prompt/completion format)."})
+    completion_column: str = field(
+        default="completion", metadata={"help": "Column of --data holding the completion (prompt/completion format)."}
+    )
+    messages_column: str = field(
+        default="messages",
+        metadata={"help": "Column of --data holding the conversations: lists of {role, content} (messages format)."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "For messages data: the tokenizer's chat template (default), gemma3 (Gemma 3's, which the "
+                  "embedded model gets by default), or a .jinja file."},
+    )
     eval_size: int = field(default=200, metadata={"help": "Held-out examples for eval loss (fixed split)."})
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
 

@@ -214,6 +214,24 @@ def load_quotes(
     return split
 
 
+def load_examples(cfg) -> DatasetDict:
+    """`cfg.data` in its format (quote/author, text, prompt/completion or messages: see
+    `gemma_qlora.formats`), the format's columns under their usual names, split into `train` and
+    a fixed held-out `test` as `load_quotes` splits quotes. `cfg` is a `TrainConfig` (or anything
+    with its data fields)."""
+    from gemma_qlora.formats import detect_format, select_format
+
+    data = _read(cfg.data)
+    data = select_format(data, detect_format(data, cfg, cfg.data), cfg, cfg.data)
+    if len(data) < 2:
+        raise UserError(f"Dataset {cfg.data} has {len(data)} usable examples: it needs at least 2 (one to train, one to evaluate).")
+    eval_size = min(cfg.eval_size, max(1, len(data) // 5))
+    split = data.train_test_split(test_size=eval_size, seed=EVAL_SPLIT_SEED)
+    if cfg.max_train_examples:
+        split["train"] = split["train"].select(range(min(cfg.max_train_examples, len(split["train"]))))
+    return split
+
+
 def to_text(data: Dataset, eos_token: str) -> Dataset:
     """The one `text` column SFTTrainer trains on."""
     return data.map(lambda r: {"text": format_quote(r["quote"], r["author"], eos_token)}, remove_columns=data.column_names)

@@ -17,6 +17,15 @@ from gemma_qlora.errors import UserError
 from gemma_qlora.quant import Precision, bnb_config_for, keep_4bit_weights_trainable_on_cpu
 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+# Multimodal Gemmas, of which only the language model is loaded: {model_type: its text-only class}
+MULTIMODAL_TYPES = {"gemma3": "Gemma3ForCausalLM", "gemma3n": "Gemma3nForCausalLM"}
+# Where a multimodal checkpoint keeps its language model: `language_model.model.*` in the Hub's
+# files, `model.language_model.*` in what transformers 5 saves; the text-only class wants `model.*`.
+LANGUAGE_MODEL_KEYS = {
+    r"^language_model\.model\.": "model.",
+    r"^model\.language_model\.": "model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+}
 
 
 def hf_token() -> str | None:
@@ -88,11 +97,46 @@ def load_config(name: str, token: str | None = None):
     except (OSError, ValueError) as error:
         raise _explain_hub_error(name, error, token) from None
     model_type = getattr(config, "model_type", None)
-    if model_type == "gemma3":
-        raise UserError(f"{name} is multimodal Gemma 3; this tool fine-tunes text-only Gemma (gemma-3-270m/1b, gemma-2b, gemma-2-2b...).")
-    if model_type not in GEMMA_TYPES:
-        raise UserError(f"{name} is a {model_type!r} model, not Gemma: choose a text-only Gemma checkpoint ({', '.join(GEMMA_TYPES)}).")
+    if model_type not in GEMMA_TYPES and model_type not in MULTIMODAL_TYPES:
+        raise UserError(
+            f"{name} is a {model_type!r} model, not Gemma: choose a Gemma checkpoint "
+            f"({', '.join(GEMMA_TYPES)}, or multimodal {', '.join(MULTIMODAL_TYPES)}, trained on text only)."
+        )
     return config
+
+
+def load_language_model(path: str, config, **kwargs) -> PreTrainedModel:
+    """The language model of a multimodal Gemma 3 (or 3n) checkpoint, alone, as its text-only
+    class (`Gemma3ForCausalLM`): no vision or audio tower is built, and their weights, which the
+    renaming in `LANGUAGE_MODEL_KEYS` leaves without a place, are never read from the files. The
+    adapter trained on it loads back onto the same class loaded the same way.
+    `kwargs` go to `from_pretrained` (dtype, quantization, device map...)."""
+    import logging
+
+    import transformers
+
+    cls = getattr(transformers, MULTIMODAL_TYPES[config.model_type])
+    # transformers' load report would list every vision weight as unexpected, which is what is
+    # wanted here; a missing text weight, which is not, is checked below instead.
+    report = logging.getLogger("transformers.modeling_utils")
+
+    def no_report(record) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    report.addFilter(no_report)
+    try:
+        model, info = cls.from_pretrained(
+            path, config=config.get_text_config(), key_mapping=LANGUAGE_MODEL_KEYS, output_loading_info=True, **kwargs
+        )
+    finally:
+        report.removeFilter(no_report)
+    missing = sorted(k for k in info["missing_keys"] if k != "lm_head.weight")  # the head is tied to the embedding
+    if missing:
+        raise UserError(
+            f"{path} holds no weights for its language model's {', '.join(missing[:3])}: it is not a complete "
+            f"{config.model_type} checkpoint; download or save it again."
+        )
+    return model
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # fast (tokenizers) or SentencePiece
@@ -195,15 +239,18 @@ def load_model(cfg, precision: Precision) -> tuple[PreTrainedModel, PreTrainedTo
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     else:
         device_map = {"": "cpu"}
+    settings = dict(
+        token=token,
+        dtype=precision.compute_dtype,
+        quantization_config=bnb_config_for(cfg, precision),
+        attn_implementation=cfg.attn_implementation or default_attention(config.model_type, precision.device),
+        device_map=device_map,
+    )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            token=token,
-            dtype=precision.compute_dtype,
-            quantization_config=bnb_config_for(cfg, precision),
-            attn_implementation=cfg.attn_implementation or default_attention(config.model_type, precision.device),
-            device_map=device_map,
-        )
+        if config.model_type in MULTIMODAL_TYPES:  # only the language model: the text is all it trains on
+            model = load_language_model(path, config, **settings)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **settings)
     except OSError as error:
         raise _explain_hub_error(name, error, token) from None
     model.config.use_cache = False  # training; generation turns it back on per call

@@ -27,8 +27,9 @@ from dataclasses import asdict
 import torch
 from transformers import set_seed
 
+from gemma_qlora import formats
 from gemma_qlora.config import TrainConfig
-from gemma_qlora.data import PROMPTS, load_quotes
+from gemma_qlora.data import PROMPTS, load_examples
 from gemma_qlora.evaluate import attributable, author_accuracy, generate
 from gemma_qlora.lora import attach_lora, parameter_counts
 from gemma_qlora.memory import GIB, MemoryRecorder
@@ -68,6 +69,8 @@ class Run:
         self.data = self.model = self.tokenizer = self.trainer = None
         self.before: list[str] = []
         self.after: list[str] = []
+        self.format = "quote"
+        self.prompts: list[str] = list(PROMPTS)  # generated from before and after training
         if self.precision.device == "cuda":
             gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
             self.say(f"GPU: {gpu.name}, compute capability {gpu.major}.{gpu.minor}, {gpu.total_memory / GIB:.1f} GiB")
@@ -89,11 +92,22 @@ class Run:
         cfg, t0 = self.cfg, time.perf_counter()
         resolve_model(cfg.model)  # a missing model folder is said before the data is read
         with self.recorder.phase("load"):
-            self.data = load_quotes(
-                cfg.data, quote_column=cfg.quote_column, author_column=cfg.author_column,
-                eval_size=cfg.eval_size, max_train_examples=cfg.max_train_examples,
-            )
+            self.data = load_examples(cfg)
+            # Encoded (token ids, labels masked as the format says) with the model's tokenizer before
+            # the model loads or anything is written, so that a bad example costs neither.
+            tokenizer = formats.load_tokenizer(cfg.model)
+            formats.use_chat_template(tokenizer, cfg)
+            self.data, counts = formats.encode_splits(self.data, tokenizer, max_length=cfg.max_seq_length)
+            self.format = counts["train"].format
             self.model, self.tokenizer = load_model(cfg, self.precision)
+            formats.use_chat_template(self.tokenizer, cfg)
+        if self.format != "quote":
+            self.prompts = formats.generation_prompts(self.data["test"], self.tokenizer)
+        if self.format == "messages":
+            formats.stop_at_end_of_turn(self.model, self.tokenizer)
+        self.metrics["data"] = {split: asdict(c) for split, c in counts.items()}
+        if counts["train"].too_long:
+            self.say(formats.too_long_line(counts["train"], cfg.max_seq_length))
         m = self.metrics
         m["load_seconds"] = time.perf_counter() - t0
         m["examples"] = {"train": len(self.data["train"]), "eval": len(self.data["test"])}
@@ -111,10 +125,10 @@ class Run:
         if not self.main:
             return
         with self.recorder.phase("generate_before"):
-            self.before = generate(self.model, self.tokenizer, PROMPTS, max_new_tokens=self.cfg.max_new_tokens)
-            if self.cfg.author_eval:
+            self.before = generate(self.model, self.tokenizer, self.prompts, max_new_tokens=self.cfg.max_new_tokens)
+            if self.cfg.author_eval and self.format == "quote":
                 self.metrics["authors_before"] = self.authors()
-        for prompt, text in zip(PROMPTS, self.before):
+        for prompt, text in zip(self.prompts, self.before):
             self.say(f"before training: {prompt}{text}")
 
     def prepare(self) -> None:
@@ -164,20 +178,20 @@ class Run:
 
     def generate_after(self) -> None:
         if self.fsdp:
-            self.after = ["(not generated: FSDP shards the model)"] * len(PROMPTS)
+            self.after = ["(not generated: FSDP shards the model)"] * len(self.prompts)
             return
         if not self.main:
             return
         with self.recorder.phase("generate_after"):
-            self.after = generate(self.model, self.tokenizer, PROMPTS, max_new_tokens=self.cfg.max_new_tokens)
-            if self.cfg.author_eval:
+            self.after = generate(self.model, self.tokenizer, self.prompts, max_new_tokens=self.cfg.max_new_tokens)
+            if self.cfg.author_eval and self.format == "quote":
                 self.metrics["authors_after"] = self.authors()
-        for prompt, old, new in zip(PROMPTS, self.before, self.after):
+        for prompt, old, new in zip(self.prompts, self.before, self.after):
             self.say(f"{prompt}\n  before: {old!r}\n  after:  {new!r}")
         before, after = self.metrics.get("authors_before"), self.metrics.get("authors_after")
         if after and after["n"]:
             self.say(f"author named on {after['n']} held-out quotes: {before['accuracy']:.0%} before, {after['accuracy']:.0%} after")
-        elif self.cfg.author_eval:
+        elif self.cfg.author_eval and self.format == "quote":
             self.say("no held-out quote is by an author the training split has seen: author accuracy skipped")
 
     def save(self) -> dict:
@@ -195,7 +209,7 @@ class Run:
             merged = self.model.merge_and_unload()
             save_adapter(merged, self.run_dir / "merged")
             self.tokenizer.save_pretrained(str(self.run_dir / "merged"))
-        generations = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(PROMPTS, self.before, self.after)]
+        generations = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(self.prompts, self.before, self.after)]
         write_json(self.run_dir / "generations.json", generations)
         self.metrics.update(memory_metrics(self.recorder.stop()))
         write_json(self.run_dir / "metrics.json", self.metrics)

@@ -10,7 +10,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import SFTConfig, SFTTrainer
 
 from gemma_qlora.config import TrainConfig
-from gemma_qlora.data import check_fits, to_text
+from gemma_qlora.formats import trainable
 from gemma_qlora.errors import UserError
 from gemma_qlora.packing import make_collator
 from gemma_qlora.quant import Precision
@@ -71,10 +71,11 @@ def compile_layer_parts(model) -> None:
 
 
 def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precision, output_dir: Path, callbacks=()) -> SFTTrainer:
-    """TRL's SFTTrainer on the formatted `text` of the `train` and `test` splits of `data`.
-    Checkpoints go to `output_dir`, which the Trainer creates when it first saves one."""
-    train_text, eval_text = to_text(data["train"], tokenizer.eos_token), to_text(data["test"], tokenizer.eos_token)
-    check_fits(train_text, tokenizer, cfg.max_seq_length)
+    """TRL's SFTTrainer on the `train` and `test` splits of `data`, in any of the formats of
+    `gemma_qlora.formats` (raw, or encoded by `formats.encode_splits`): token ids and labels
+    masked per format, which TRL packs as they are. Checkpoints go to `output_dir`, which the
+    Trainer creates when it first saves one."""
+    train_text, eval_text = (trainable(data[s], tokenizer, max_length=cfg.max_seq_length) for s in ("train", "test"))
     if cfg.torch_compile:
         compile_layer_parts(model)
     trainer = SFTTrainer(
