@@ -346,3 +346,11 @@ def test_current_gpu_reads_the_device(monkeypatch):
     gpu = current_gpu()
     assert (gpu.name, gpu.bf16, gpu.total_gib, gpu.workspace_mib) == ("T4", False, 15.0, 8.125)
     assert current_gpu(cap_gib=10).total_gib == 10
+
+
+def test_plan_of_a_train_config(tiny_model):
+    cfg = TrainConfig(model=tiny_model, bits=8, batch_size=4, grad_accum=3, packing_layout="flat", lora_r=4)
+    inputs = PlanInputs.from_train_config(cfg, shape=load_shape(tiny_model), gpu=GPUS["t4"])
+    assert (inputs.bits, inputs.batch_size, inputs.grad_accum, inputs.lora_r) == (8, 4, 3, 4)
+    assert (inputs.dtype, inputs.packing_layout, inputs.workspace_mib) == ("float16", "flat", GPUS["t4"].workspace_mib)
+    assert PlanInputs.from_train_config(cfg, shape=load_shape(tiny_model), gpu=GPUS["l4"]).dtype == "bfloat16"
