@@ -61,6 +61,11 @@ ARMS = {
     "pkg-4bit-rows": _pkg(4, "gemma_qlora, packing_layout rows", packing_layout="rows"),
     "pkg-4bit-rows-no-dropout": _pkg(4, "gemma_qlora, rows, LoRA dropout 0", packing_layout="rows", lora_dropout=0.0),
     "pkg-4bit-rows-compile": _pkg(4, "gemma_qlora, rows, torch_compile", packing_layout="rows", torch_compile=True),
+    "pkg-4bit-rows-compile-no-dropout": _pkg(
+        4, "gemma_qlora, rows, torch_compile, LoRA dropout 0", packing_layout="rows", torch_compile=True, lora_dropout=0.0
+    ),
+    "pkg-8bit-no-dropout": _pkg(8, "gemma_qlora, LoRA dropout 0", lora_dropout=0.0),
+    "pkg-8bit-compile-no-dropout": _pkg(8, "gemma_qlora, torch_compile, LoRA dropout 0", torch_compile=True, lora_dropout=0.0),
     "pkg-4bit-rows-flex": _pkg(4, "gemma_qlora, rows, flex attention", packing_layout="rows", attn_implementation="flex_attention"),
     "pkg-4bit-flat": _pkg(4, "gemma_qlora, packing_layout flat", packing_layout="flat"),
     "pkg-8bit-rows": _pkg(8, "gemma_qlora, packing_layout rows", packing_layout="rows"),
