@@ -29,16 +29,16 @@ class GenerateConfig:
     prompts_file: str | None = field(
         default=None, metadata={"help": "File of prompts: a JSON list of strings, or one prompt per line."}
     )
-    max_new_tokens: int = 64
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate per prompt, at most."})
     chat: bool | None = field(
         default=None,
         metadata={"help": "Wrap each prompt in the tokenizer's chat template. Default: yes when it has one, except for "
                   "--run (the recipe trains on plain text)."},
     )
     sample: bool = field(default=False, metadata={"help": "Sample (temperature, top_p) instead of greedy decoding."})
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
+    temperature: float = field(default=0.7, metadata={"help": "With --sample: lower is more predictable."})
+    top_p: float = field(default=0.95, metadata={"help": "With --sample: keep the likeliest tokens up to this probability mass."})
+    seed: int = field(default=0, metadata={"help": "Random seed for --sample."})
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, str):

@@ -42,6 +42,7 @@ from gemma_qlora.errors import UserError
 INTO = ("merged", "gguf")
 BASES = ("dequantized", "original")
 GGUF_TYPES = ("f16", "q8_0")
+SAVE_DTYPES = ("bfloat16", "float16", "float32")
 GGUF_ARCHS = {"gemma2": "gemma2", "gemma3_text": "gemma3"}  # the ones transformers' GGUF loader reads back
 EXPORT_RECORD = "export.json"
 
@@ -49,19 +50,25 @@ EXPORT_RECORD = "export.json"
 @dataclass
 class ExportConfig:
     run: str = field(metadata={"help": "Run folder written by `train` (holds metrics.json and adapter/)."})
-    into: str = field(default="merged", metadata={"help": "merged (safetensors checkpoint) or gguf (F16 and Q8_0 files)."})
+    into: str = field(
+        default="merged", metadata={"help": "merged (safetensors checkpoint) or gguf (F16 and Q8_0 files).", "choices": INTO}
+    )
     base: str = field(
         default="dequantized",
         metadata={"help": "Merge into the 4-/8-bit weights the adapter trained on, dequantized (dequantized), or into the "
-                  "original 16-bit checkpoint (original). 16-bit runs have only the original."},
+                  "original 16-bit checkpoint (original). 16-bit runs have only the original.", "choices": BASES},
     )
     out: str | None = field(default=None, metadata={"help": "Output folder; default <run>/<into>."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
-    gguf_types: list[str] = field(default_factory=lambda: list(GGUF_TYPES), metadata={"help": "GGUF files to write: f16, q8_0."})
-    save_dtype: str = field(default="bfloat16", metadata={"help": "dtype of the merged checkpoint: bfloat16, float16 or float32."})
+    gguf_types: list[str] = field(
+        default_factory=lambda: list(GGUF_TYPES), metadata={"help": "GGUF files to write.", "choices": GGUF_TYPES}
+    )
+    save_dtype: str = field(
+        default="bfloat16", metadata={"help": "dtype of the merged checkpoint.", "choices": SAVE_DTYPES}
+    )
     max_loss_drift: float = field(
         default=0.005,
-        metadata={"help": "Largest relative change of held-out loss allowed for a merged checkpoint or a GGUF F16 (0.005 = 0.5%)."},
+        metadata={"help": "Largest relative change of held-out loss allowed for a merged checkpoint or a GGUF F16 (0.005 = 0.5%%)."},
     )
     max_loss_drift_q8_0: float = field(
         default=0.01, metadata={"help": "The same for a GGUF Q8_0, which rounds every weight to 8 bits."}
@@ -87,7 +94,7 @@ class ExportConfig:
         bad = [t for t in self.gguf_types if t not in GGUF_TYPES]
         if bad or not self.gguf_types:
             problems.append(f"--gguf_types must name one or more of {', '.join(GGUF_TYPES)}, not {' '.join(bad) or 'nothing'}")
-        if self.save_dtype not in ("bfloat16", "float16", "float32"):
+        if self.save_dtype not in SAVE_DTYPES:
             problems.append(f"--save_dtype must be bfloat16, float16 or float32, not {self.save_dtype!r}")
         for name in ("max_loss_drift", "max_loss_drift_q8_0", "max_loss_drift_original"):
             if not getattr(self, name) > 0:
@@ -575,6 +582,45 @@ def _finish(partial: Path, out: Path, *, passed: bool) -> Path:
     return target
 
 
+def reference_key(run_dir: Path, precision, *, data, prompts: list[str]) -> dict:
+    """What the adapter model's figures depend on: the adapter's bytes, the held-out quotes, the
+    hardware's dtype and the libraries (the base is checked separately, by its fingerprint)."""
+    from importlib.metadata import version
+
+    held_out = json.dumps([list(data["test"]["quote"]), list(data["test"]["author"])]).encode()
+    return {
+        "adapter_sha256": hashlib.sha256((run_dir / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest(),
+        "held_out_sha256": hashlib.sha256(held_out).hexdigest(),
+        "device": precision.device,
+        "compute_dtype": precision.name,
+        "prompts": prompts,
+        "versions": {lib: version(lib) for lib in ("torch", "transformers", "peft", "trl", "bitsandbytes")},
+    }
+
+
+def adapter_reference(train_cfg, run_dir: Path, precision, *, data, prompts: list[str]) -> dict:
+    """The adapter model's held-out loss and continuations, every export's yardstick. An earlier
+    export of the same run on the same hardware and libraries has measured them already
+    (export.json): they are taken from there rather than measured again."""
+    key = reference_key(run_dir, precision, data=data, prompts=prompts)
+    try:
+        earlier = json.loads((run_dir / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    for entry in earlier.values():
+        if entry.get("adapter", {}).get("key") == key:
+            print(f"adapter model: held-out loss {entry['adapter']['eval_loss']:.4f} (measured by an earlier export of "
+                  "this run, same adapter, hardware and libraries)", flush=True)
+            return dict(entry["adapter"])
+    print(f"scoring the adapter model ({train_cfg.bits}-bit base + adapter) on {len(data['test'])} held-out quotes...", flush=True)
+    model, tokenizer = load_adapter_model(train_cfg, run_dir, precision)
+    reference = measure(model, tokenizer, train_cfg, data, precision, prompts)
+    del model
+    _release()
+    print(f"adapter model: held-out loss {reference['eval_loss']:.4f}", flush=True)
+    return {**reference, "key": key}
+
+
 # --- the command -----------------------------------------------------------------------------
 
 
@@ -643,13 +689,8 @@ def export(cfg: ExportConfig) -> dict:
                        eval_size=train_cfg.eval_size, max_train_examples=train_cfg.max_train_examples)
     prompts = agreement_prompts(data, cfg.agreement_prompts)
 
-    print(f"scoring the adapter model ({train_cfg.bits}-bit base + adapter) on {len(data['test'])} held-out quotes...", flush=True)
-    model, tokenizer = load_adapter_model(train_cfg, run_dir, precision)
-    reference = measure(model, tokenizer, train_cfg, data, precision, prompts)
-    del model
-    _release()
+    reference = adapter_reference(train_cfg, run_dir, precision, data=data, prompts=prompts)
     reference["recorded_eval_loss"] = metrics.get("eval_loss")
-    print(f"adapter model: held-out loss {reference['eval_loss']:.4f}", flush=True)
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -107,6 +107,25 @@ def test_export_gguf_f16_and_q8_0_read_back_by_transformers(trained_run, tmp_pat
     assert abs(f16["loss_drift"]) < 1e-4 and abs(q8["loss_drift"]) < 0.01
 
 
+def test_a_later_export_reuses_the_adapter_models_figures_unless_the_adapter_changed(trained_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(trained_run, tmp_path)
+    first = export(ExportConfig(run=str(run), into="gguf", gguf_types=["f16"], out=str(tmp_path / "a")))
+    capsys.readouterr()
+    second = export(ExportConfig(run=str(run), into="gguf", gguf_types=["f16"], out=str(tmp_path / "b")))
+    assert "measured by an earlier export" in capsys.readouterr().out
+    assert second["adapter"] == first["adapter"]
+
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    save_file({k: v * 2 if "lora_B" in k else v for k, v in weights.items()}, run / "adapter" / "adapter_model.safetensors")
+    third = export(ExportConfig(run=str(run), into="gguf", gguf_types=["f16"], out=str(tmp_path / "c")))
+    assert "measured by an earlier export" not in capsys.readouterr().out
+    assert third["adapter"]["eval_loss"] != first["adapter"]["eval_loss"] and third["passed"]
+
+
 @pytest.mark.parametrize("family", ["gemma3_text", "gemma2"])
 def test_gguf_of_a_tiny_gemma_reads_back_with_equal_logits(family, tmp_path):
     """F16 within fp16's rounding, Q8_0 within 8-bit blocks' rounding, same config and tokens."""
@@ -133,7 +152,7 @@ def test_gguf_of_a_tiny_gemma_reads_back_with_equal_logits(family, tmp_path):
         assert diff < tolerance * scale, (qtype, diff, scale)
 
 
-def gemma_style_tokenizer():
+def gemma_style_tokenizer(*, add_bos: bool = True):
     """A small tokenizer built the way Gemma's is: BPE over '▁'-spelled text with byte fallback,
     control tokens first, then the 256 bytes, then pieces in merge order, then characters."""
     from tokenizers import Tokenizer, models, processors, trainers
@@ -153,7 +172,8 @@ def gemma_style_tokenizer():
     tokens = controls + [f"<0x{b:02X}>" for b in range(256)] + pieces + chars
     tokenizer = GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
     tokenizer.add_special_tokens({"additional_special_tokens": controls[4:]})
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    if add_bos:
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     tokenizer.chat_template = (
         "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
@@ -161,16 +181,18 @@ def gemma_style_tokenizer():
     return tokenizer
 
 
-def test_gemma_style_tokenizer_and_chat_template_survive_gguf(tmp_path):
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_gemma_style_tokenizer_and_chat_template_survive_gguf(tmp_path, add_bos):
     """Gemma's SentencePiece-style vocabulary as llama.cpp stores it (scores by merge rank,
     bytes as BYTE, controls as CONTROL, runs of spaces as real spaces), and transformers reads
-    the same tokenizer back from it: same ids for spaces, bytes, newlines and control tokens."""
+    the same tokenizer back from it: same ids for spaces, bytes, newlines and control tokens,
+    with BOS added or not as the tokenizer does (readers add it when the file is silent)."""
     import gguf
     from transformers import AutoTokenizer
 
     from gemma_qlora.export import add_tokenizer
 
-    tokenizer = gemma_style_tokenizer()
+    tokenizer = gemma_style_tokenizer(add_bos=add_bos)
     path = tmp_path / "vocab.gguf"
     writer = gguf.GGUFWriter(str(path), "gemma3")
     add_tokenizer(writer, tokenizer, build_config("gemma3_text", len(tokenizer)))
@@ -188,7 +210,7 @@ def test_gemma_style_tokenizer_and_chat_template_survive_gguf(tmp_path):
     assert tokens[263] == "  " and types[263] == gguf.TokenType.USER_DEFINED  # '▁▁', as Gemma's file spells it
     normal = [s for s, t in zip(scores, types) if t == gguf.TokenType.NORMAL]
     assert normal == [-float(i) for i in range(len(normal))]
-    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is add_bos
 
     back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     texts = ["Quote: Imagination is more\nAuthor:  Albert", "héllo 😀  two   spaces", "<start_of_turn>user\nhi<end_of_turn>"]
@@ -324,7 +346,7 @@ def test_cli_export_bad_flags_and_bad_run_exit_2(tmp_path, capsys):
     from gemma_qlora.cli import main
 
     assert main(["export", "--run", str(tmp_path), "--into", "onnx"]) == 2
-    assert "--into must be one of merged, gguf" in capsys.readouterr().err
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err
     assert main(["export", "--run", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
