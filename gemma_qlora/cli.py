@@ -88,4 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as error:  # Ctrl-C: what was kept, in one line, not a traceback
+        print(f"interrupted: {error or 'stopped before anything more was written.'}", file=sys.stderr)
+        return 130
     return 0

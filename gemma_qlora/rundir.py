@@ -16,11 +16,13 @@ was started with) or replaced (`--overwrite true`), never mixed into.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
 import shutil
 import zipfile
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from gemma_qlora.errors import UserError
@@ -40,7 +42,8 @@ RESUME_SETTINGS = (
     "model", "data", "quote_column", "author_column", "eval_size", "max_train_examples",
     "bits", "quant_type", "double_quant", "quant_storage",
     "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-    "steps", "batch_size", "grad_accum", "max_seq_length", "packing", "learning_rate", "warmup_steps", "optim", "seed",
+    "steps", "batch_size", "grad_accum", "max_seq_length", "packing", "packing_layout", "learning_rate", "warmup_steps",
+    "optim", "seed", "data_format", "text_column", "prompt_column", "completion_column", "messages_column", "chat_template",
 )
 # What a full disk (or a vanished mount) raises from a save: OSError from Python's own writes,
 # RuntimeError from torch.save's zip writer, SafetensorError from safetensors' Rust writer.
@@ -83,7 +86,7 @@ def run_dir_for(cfg) -> Path:
 
 def recorded_settings(cfg) -> dict:
     """The settings `run.json` keeps for a later resume to compare against."""
-    settings = {name: getattr(cfg, name) for name in RESUME_SETTINGS}
+    settings = {name: getattr(cfg, name) for name in RESUME_SETTINGS if hasattr(cfg, name)}
     settings["processes"] = int(os.environ.get("WORLD_SIZE", 1))
     return settings
 
@@ -170,11 +173,20 @@ def check_run_dir(cfg) -> str:
                 "add --overwrite true to start it over, or choose another --run_name."
             )
         wanted = recorded_settings(cfg)
-        differ = [f"{k} {recorded.get(k)!r} (now {wanted[k]!r})" for k in wanted if _norm(recorded.get(k)) != _norm(wanted[k])]
+        # a setting the recording lacks (added to the tool since) counts as its default
+        default = {f.name: f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+                   for f in fields(cfg) if f.default is not MISSING or f.default_factory is not MISSING}
+        differ = [f"{k} {recorded.get(k, default.get(k))!r} (now {wanted[k]!r})" for k in wanted
+                  if _norm(recorded.get(k, default.get(k))) != _norm(wanted[k])]
         if differ:
             raise UserError(
                 f"Run folder {run_dir} was started with other settings: {', '.join(differ)}. To continue it, give its settings; "
                 "to start it over, add --overwrite true; or choose another --run_name."
+            )
+        if (run_dir / "metrics.json").is_file():  # written last: the run finished
+            raise UserError(
+                f"Run folder {run_dir} holds a finished run (metrics.json): there is nothing to resume; "
+                "add --overwrite true to train it again, or choose another --run_name."
             )
         return "resume"
     if held:
@@ -223,6 +235,8 @@ def _lock(run_dir: Path) -> None:
                 continue
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        if not _held:
+            atexit.register(_unlock_all)  # a run that ends in an error leaves no lock file behind
         _held[key] = fd
         return
     raise UserError(f"Could not lock run folder {run_dir}: another run keeps taking it; choose another --run_name.")
@@ -238,6 +252,11 @@ def unlock(run_dir: Path) -> None:
     except OSError:
         pass
     os.close(fd)
+
+
+def _unlock_all() -> None:
+    for key in list(_held):
+        unlock(Path(key))
 
 
 def _remove(path: Path) -> None:
@@ -294,7 +313,7 @@ def write_json(path: Path, data) -> None:
 def save_adapter(model, path: Path, *, tokenizer=None) -> None:
     """Save to a sibling folder, then swap it in: a failed save (a full disk included) leaves the
     previous adapter, or none, and no partial folder."""
-    tmp, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+    tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -307,10 +326,17 @@ def save_adapter(model, path: Path, *, tokenizer=None) -> None:
             f"Could not save {path} ({reason}): free disk space or choose another --output_dir; "
             "nothing was written under that name."
         ) from None
+    replace_folder(tmp, path)
+
+
+def replace_folder(new: Path, path: Path) -> None:
+    """Put the folder `new` under the name `path`, the old one moved aside first: at every moment
+    `path` is either the old whole folder or the new whole folder."""
+    old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(new, path)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -358,6 +384,13 @@ def checkpoint_problem(path: Path) -> str | None:
     trainer_state.json last, so a folder killed mid-save lacks it; a full disk can also leave
     truncated weights or optimizer files before it."""
     try:
+        return _checkpoint_problem(path)
+    except OSError as error:  # removed or unreadable while being looked at
+        return error.strerror or type(error).__name__
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    try:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return "trainer_state.json missing or unreadable"
@@ -386,10 +419,14 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def newest_checkpoint(folder: Path) -> str | None:
+def newest_checkpoint(folder: Path, *, before: int | None = None) -> str | None:
     """The newest checkpoint that can be resumed from: complete (the Trainer finished writing
-    it) and undamaged (its weights, optimizer and scheduler files readable)."""
-    for _, path in _checkpoints(Path(folder)):
+    it) and undamaged (its weights, optimizer and scheduler files readable), and, with `before`,
+    from a step before that one. (Resumed from its last step, the Trainer trains one step more
+    than asked, so a run killed after its last checkpoint resumes from the one before.)"""
+    for step, path in _checkpoints(Path(folder)):
+        if before is not None and step >= before:
+            continue
         if path.is_dir() and checkpoint_problem(path) is None:
             return str(path)
     return None

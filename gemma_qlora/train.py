@@ -20,23 +20,37 @@ under FSDP) and evaluates; only rank 0 generates, prints and writes files.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict
 
 import torch
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from gemma_qlora import formats
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.data import PROMPTS, load_examples
+from gemma_qlora.errors import UserError
 from gemma_qlora.evaluate import attributable, author_accuracy, generate
 from gemma_qlora.lora import attach_lora, parameter_counts
 from gemma_qlora.memory import GIB, MemoryRecorder
 from gemma_qlora.metrics import StepTimer, environment, memory_metrics, training_metrics
-from gemma_qlora.model import load_model, resolve_model
+from gemma_qlora.model import check_model_folder, hf_token, load_config, load_model, resolve_model
 from gemma_qlora.quant import cap_gpu_memory, detect_precision
-from gemma_qlora.rundir import newest_checkpoint, prepare_run_dir, save_adapter, write_json
+from gemma_qlora.rundir import (
+    WRITE_ERRORS,
+    check_run_dir,
+    guard_checkpoint_writes,
+    newest_checkpoint,
+    prepare_run_dir,
+    remove_damaged_checkpoints,
+    replace_folder,
+    run_dir_for,
+    save_adapter,
+    unlock,
+    write_json,
+)
 from gemma_qlora.trainer import make_trainer, out_of_memory
 
 # bitsandbytes logs a line for every int8 matmul whose inputs are not fp16 (bf16 GPUs, CPU).
@@ -61,7 +75,13 @@ class Run:
         self.main = is_main_process()
         if cfg.gpu_memory_gib and self.precision.device == "cuda":
             cap_gpu_memory(cfg.gpu_memory_gib)
-        self.run_dir = prepare_run_dir(cfg)
+        # The folder is only checked here (a name, not in use, continued or replaced as asked);
+        # `load` claims it once the model and data have passed their checks, so that bad input
+        # writes nothing.
+        self.run_dir = run_dir_for(cfg)
+        if self.main:
+            check_run_dir(cfg)
+        self.guard = FiniteGuard()
         set_seed(cfg.seed)
         self.recorder = MemoryRecorder()
         self.metrics: dict = {"run": cfg.name, "config": asdict(cfg), **environment(self.precision)}
@@ -88,10 +108,13 @@ class Run:
         return self.trainer is not None and self.trainer.is_fsdp_enabled
 
     def load(self) -> None:
-        """The data, split with a fixed held-out part, and the model, quantized as it loads."""
+        """The data, split with a fixed held-out part, and the model, quantized as it loads; the
+        run folder is claimed between the cheap checks and the heavy load."""
         cfg, t0 = self.cfg, time.perf_counter()
-        resolve_model(cfg.model)  # a missing model folder is said before the data is read
+        path = resolve_model(cfg.model)  # a missing model folder is said before the data is read
         with self.recorder.phase("load"):
+            check_model_folder(path)  # config, tokenizer and weight files, before anything heavy
+            check_context_length(cfg, load_config(path, hf_token()))
             self.data = load_examples(cfg)
             # Encoded (token ids, labels masked as the format says) with the model's tokenizer before
             # the model loads or anything is written, so that a bad example costs neither.
@@ -99,6 +122,7 @@ class Run:
             formats.use_chat_template(tokenizer, cfg)
             self.data, counts = formats.encode_splits(self.data, tokenizer, max_length=cfg.max_seq_length)
             self.format = counts["train"].format
+            self.run_dir = prepare_run_dir(cfg, main=self.main)
             self.model, self.tokenizer = load_model(cfg, self.precision)
             formats.use_chat_template(self.tokenizer, cfg)
         if self.format != "quote":
@@ -154,16 +178,49 @@ class Run:
 
     def train(self) -> None:
         cfg, t0 = self.cfg, time.perf_counter()
-        checkpoint = newest_checkpoint(self.run_dir / "checkpoints") if cfg.resume else None
+        before = self.metrics.get("eval_before")
+        if before is not None and not math.isfinite(before):
+            raise UserError(
+                f"The held-out loss before training is {before} in {self.precision.name}: the model's weights are damaged, or its "
+                "activations overflow this dtype (fp16); check the model files, or use a GPU with bf16. Nothing was trained."
+            )
+        folder = self.run_dir / "checkpoints"
+        checkpoint = newest_checkpoint(folder, before=cfg.steps) if cfg.resume else None
+        if cfg.resume and self.main:
+            damaged = remove_damaged_checkpoints(folder)
+            if damaged:
+                self.say(f"Skipped and removed damaged checkpoint(s) {', '.join(damaged)}.")
         if cfg.resume and checkpoint is None:
-            self.say(f"No complete checkpoint in {self.run_dir / 'checkpoints'}: starting from step 0.")
+            self.say(f"No complete checkpoint in {folder}: starting from step 0.")
+        if self.guard not in self.trainer.callback_handler.callbacks:
+            self.trainer.add_callback(self.guard)
+        guard_checkpoint_writes(self.trainer, main=self.main)
         with self.recorder.phase("train"):
             try:
                 self.trainer.train(resume_from_checkpoint=checkpoint)
-            except torch.OutOfMemoryError:
-                raise out_of_memory(cfg, self.run_dir) from None
+            except BaseException as error:
+                close_progress_bars(self.trainer)  # else tqdm redraws the bar after the error's line
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise out_of_memory(cfg, self.run_dir) from None
+                if isinstance(error, KeyboardInterrupt):
+                    raise KeyboardInterrupt(self.interrupted()) from None
+                raise
+        self.guard.check(cfg)
         self.metrics["train_seconds"] = time.perf_counter() - t0
         self.metrics["resumed_from"] = checkpoint
+
+    def interrupted(self) -> str:
+        """What an interrupted training kept, and how to go on."""
+        step = self.trainer.state.global_step
+        kept = newest_checkpoint(self.run_dir / "checkpoints") if self.cfg.save_steps else None
+        if kept:
+            return (f"training stopped at step {step} of {self.cfg.steps}; {kept} is kept: "
+                    "run the same command with --resume true to continue from it.")
+        if self.cfg.save_steps:
+            return (f"training stopped at step {step} of {self.cfg.steps}, before its first checkpoint "
+                    f"(every {self.cfg.save_steps} steps): nothing is kept; run the command again to start over.")
+        return (f"training stopped at step {step} of {self.cfg.steps}: nothing is kept (no checkpoints without "
+                "--save_steps); run again with --save_steps N to be able to resume after an interruption.")
 
     def evaluate_after(self) -> None:
         m = self.metrics
@@ -195,11 +252,23 @@ class Run:
             self.say("no held-out quote is by an author the training split has seen: author accuracy skipped")
 
     def save(self) -> dict:
-        """The adapter, generations.json and metrics.json (rank 0); stops the memory recorder."""
+        """The adapter, generations.json and metrics.json (rank 0), only from finite weights and
+        losses; stops the memory recorder and lets go of the run folder."""
+        self.guard.check(self.cfg, model=self.model, eval_loss=self.metrics.get("eval_loss"))  # every rank
+        if self.main:
+            # the figures of an earlier save never sit beside the adapter about to be written
+            for name in ("metrics.json", "generations.json"):
+                (self.run_dir / name).unlink(missing_ok=True)
         if self.fsdp:
             # FSDP holds a shard of the model per GPU: every rank takes part while the Trainer
-            # gathers the adapter and rank 0 saves it
-            self.trainer.save_model(str(self.run_dir / "adapter"))
+            # gathers the adapter and rank 0 saves it, beside the real name until it is whole
+            partial = self.run_dir / "adapter.partial"
+            try:
+                self.trainer.save_model(str(partial))
+            except WRITE_ERRORS as error:
+                raise UserError(f"Could not save {self.run_dir / 'adapter'} ({error}): free disk space or choose another --output_dir.") from None
+            if self.main:
+                replace_folder(partial, self.run_dir / "adapter")
         if not self.main:
             self.recorder.stop()
             return {}
@@ -207,14 +276,94 @@ class Run:
             save_adapter(self.model, self.run_dir / "adapter")
         if self.cfg.merge:
             merged = self.model.merge_and_unload()
-            save_adapter(merged, self.run_dir / "merged")
-            self.tokenizer.save_pretrained(str(self.run_dir / "merged"))
+            save_adapter(merged, self.run_dir / "merged", tokenizer=self.tokenizer)
         generations = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(self.prompts, self.before, self.after)]
         write_json(self.run_dir / "generations.json", generations)
         self.metrics.update(memory_metrics(self.recorder.stop()))
         write_json(self.run_dir / "metrics.json", self.metrics)
+        unlock(self.run_dir)
         self.say(f"run folder written: {self.run_dir}")
         return self.metrics
+
+
+def check_context_length(cfg: TrainConfig, config) -> None:
+    """Refuse a sequence length beyond the positions the model was trained for: its rotary
+    positions would be extrapolated, and an absurd length only fills memory while packing."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit and cfg.max_seq_length > limit:
+        raise UserError(
+            f"--max_seq_length {cfg.max_seq_length:,} is beyond the {limit:,} positions {cfg.model} handles: "
+            f"give --max_seq_length {limit:,} or less."
+        )
+
+
+def close_progress_bars(trainer) -> None:
+    """Close the Trainer's progress bars, which an exception leaves open."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
+
+
+def lora_weights_finite(model) -> bool:
+    """Whether every trainable weight is finite, agreed by all processes of a launch (each
+    checks its own shard under FSDP)."""
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+    device = params[0].device if params else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bad = torch.zeros((), device=device)
+    for p in params:
+        bad = torch.maximum(bad, (~torch.isfinite(p.detach())).any().to(device, torch.float32))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+class FiniteGuard(TrainerCallback):
+    """Finite or fail: stops training at the first non-finite training loss, held-out loss or
+    LoRA weight (checked whenever the Trainer logs, evaluates or saves, so that no checkpoint is
+    written from broken weights), and turns it into one line instead of an adapter of NaNs."""
+
+    def __init__(self):
+        self.problem: tuple[str, int] | None = None
+
+    def stop(self, control, state, what: str) -> None:
+        if self.problem is None:
+            self.problem = (what, state.global_step)
+        control.should_training_stop = True
+        control.should_save = control.should_evaluate = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        due = control.should_log or control.should_save or control.should_evaluate or state.global_step >= state.max_steps
+        if due and model is not None and not lora_weights_finite(model):
+            self.stop(control, state, "the LoRA weights")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.stop(control, state, "the training loss")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and not math.isfinite(loss):
+            self.stop(control, state, "the held-out loss")
+
+    def check(self, cfg: TrainConfig, *, model=None, eval_loss: float | None = None) -> None:
+        """Raise the one line if anything went non-finite (and, given `model`, check its weights now)."""
+        if self.problem is None and eval_loss is not None and not math.isfinite(eval_loss):
+            self.problem = ("the held-out loss", None)
+        if self.problem is None and model is not None and not lora_weights_finite(model):
+            self.problem = ("the LoRA weights", None)
+        if self.problem is None:
+            return
+        what, step = self.problem
+        at = f" at step {step}" if step is not None else ""
+        raise UserError(
+            f"Training diverged: {what} became NaN or infinite{at} with --learning_rate {cfg.learning_rate:g}; no adapter was saved. "
+            f"Try a lower --learning_rate (e.g. {cfg.learning_rate / 10:g}) or more --warmup_steps."
+        )
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -105,7 +105,8 @@ def test_token_never_written_or_printed(tiny_model, quotes_file, tmp_path):
     done = subprocess.run(train_cmd(tiny_model, quotes_file, out, "--steps", "2", "--save_steps", "1"),
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    gated = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", "--model", "google/gemma-2b", "--output_dir", str(out)],
+    gated = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", "--model", "google/gemma-2b", "--output_dir", str(out),
+                            "--run_name", "gated"],
                            capture_output=True, text=True, env=env, timeout=120)
     assert gated.returncode == 2
     written = [p for p in out.rglob("*") if p.is_file()]

@@ -212,7 +212,7 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(tiny_model, qu
     # tokens seen are summed over both ranks: 2 steps x 2 ranks x 2 sequences of at most 64 tokens
     assert 2 * 2 * 2 * 64 >= metrics["train_tokens"] > 2 * 2 * 64
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "generations.json", "metrics.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "generations.json", "metrics.json", "run.json"]
 
 
 def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fast_cfg, tmp_path):
