@@ -120,6 +120,8 @@ def sft_config(s, dtype, output_dir: Path, **fields):
     settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=8,
+        # explicit: Unsloth's patched SFTConfig defaults to 2 where it is not given
+        gradient_accumulation_steps=1,
         max_length=512,
         packing=True,
         optim="adamw_torch_fused",
