@@ -102,7 +102,8 @@ def build_chat_tokenizer(**kwargs):
 
 
 def save_gemma3_multimodal(
-    path, *, tokenizer, text: dict, vision: dict, vocab_size: int | None = None, seed: int = 0, device: str = "cpu", dtype=None
+    path, *, tokenizer, text: dict, vision: dict, vocab_size: int | None = None, mm_tokens_per_image: int = 4, seed: int = 0,
+    device: str = "cpu", dtype=None,
 ) -> int:
     """A random multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`: SigLIP vision tower,
     projector, language model) of the given text and vision shapes, saved with `tokenizer` in
@@ -118,7 +119,8 @@ def save_gemma3_multimodal(
     config = Gemma3Config(
         text_config=dict(text, vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=2),
         vision_config=vision,
-        boi_token_index=vocab - 3, eoi_token_index=vocab - 2, image_token_index=vocab - 1, mm_tokens_per_image=4,
+        boi_token_index=vocab - 3, eoi_token_index=vocab - 2, image_token_index=vocab - 1,
+        mm_tokens_per_image=mm_tokens_per_image,
     )
     torch.manual_seed(seed)
     with torch.device(device):
