@@ -20,6 +20,8 @@ Usage:
         --steps 15 --batch_size 2 --max_seq_length 128 --eval_size 40      # the CPU settings
     python bench/export_table.py --train true --out bench/results/h200-export  # GPU: the run defaults
     python bench/export_table.py --runs runs/4bit runs/8bit --out results/export
+
+Run folders and exports (hundreds of MB) stay under --runs_dir; --out gets only the two files.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ EXPORTS = (  # (label, into, base)
 
 @dataclass
 class Settings:
-    out: str = "results/export"
+    out: str = "results/export"  # export_table.json and .md
     runs: list[str] = field(default_factory=list)  # finished run folders; or --train true
     train: bool = False  # train a 4-bit and an 8-bit run of the embedded model first
+    runs_dir: str = "runs/export_table"  # where --train puts its runs; exports go to <run>/../exports
     bits: list[int] = field(default_factory=lambda: [4, 8])
     steps: int = 60
     batch_size: int = 8
@@ -63,7 +66,7 @@ def train_runs(s: Settings) -> list[Path]:
     runs = []
     for bits in s.bits:
         cfg = TrainConfig(model="embedded", data="embedded", bits=bits, steps=s.steps, batch_size=s.batch_size,
-                          max_seq_length=s.max_seq_length, eval_size=s.eval_size, output_dir=str(Path(s.out) / "runs"))
+                          max_seq_length=s.max_seq_length, eval_size=s.eval_size, output_dir=s.runs_dir)
         t0 = time.perf_counter()
         train(cfg)
         print(f"trained {cfg.name} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -71,13 +74,14 @@ def train_runs(s: Settings) -> list[Path]:
     return runs
 
 
-def export_run(run: Path, out: Path) -> list[dict]:
-    """Every export of one run; a refused export still gives its figures (from export.json)."""
+def export_run(run: Path) -> list[dict]:
+    """Every export of one run (into <run>/../exports/<run>/); a refused export still gives its
+    figures (from export.json)."""
     from gemma_qlora.export import EXPORT_RECORD, ExportConfig, export
 
     results = []
     for label, into, base in EXPORTS:
-        target = out / "exports" / run.name / f"{into}-{base}"
+        target = run.parent / "exports" / run.name / f"{into}-{base}"
         cfg = ExportConfig(run=str(run), into=into, base=base, out=str(target), overwrite=True)
         try:
             export(cfg)
@@ -123,9 +127,9 @@ def mib(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**20:,.0f} MiB"
 
 
-def markdown(runs: dict[str, list[dict]], where: str) -> str:
+def markdown(runs: dict[str, list[dict]], where: str, model: str) -> str:
     lines = [
-        f"Exports of the embedded Gemma 3 270M ({where}); drift = held-out loss vs the adapter model's; greedy = "
+        f"Exports of {model} ({where}); drift = held-out loss vs the adapter model's; greedy = "
         "continuations identical to the adapter model's (run's prompts + held-out quotes).",
         "",
         "| run | model | held-out loss | drift | greedy identical | size | time to export (merge + write) | verdict |",
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     for run in runs:
         print(f"exporting {run}...", flush=True)
-        table[run.name] = export_run(run, out)
+        table[run.name] = export_run(run)
     vocab = None
     if s.check_vocab:
         gguf_entry = next(e for e in table[runs[0].name] if e["into"] == "gguf")
@@ -171,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     result = {"settings": asdict(s), "where": where, "seconds": time.perf_counter() - t0, "runs": table, "vocab_check": vocab}
     (out / "export_table.json").write_text(json.dumps(result, indent=2, default=str))
-    text = markdown(table, where)
+    model = json.loads((runs[0] / "metrics.json").read_text())["config"]["model"]
+    text = markdown(table, where, "the embedded Gemma 3 270M" if model == "embedded" else model)
     if vocab:
         text += (f"\n\nGGUF tokenizer vs the embedded model's own GGUF: tokens equal {vocab['tokens_equal']}, "
                  f"types equal {vocab['token_types_equal']}, scores in the same order {vocab['scores_same_order']} "
