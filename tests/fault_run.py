@@ -10,10 +10,13 @@
 import os
 import signal
 import sys
+from pathlib import Path
 
-import safetensors.torch
-import torch
-from transformers import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, as `python -m` from its root
+
+import safetensors.torch  # noqa: E402
+import torch  # noqa: E402
+from transformers import Trainer  # noqa: E402
 
 fault, arg = sys.argv[1], sys.argv[2]
 

@@ -317,7 +317,11 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(interrupted, tiny_model, qu
 
     monkeypatch.setattr(Trainer, "training_step", ctrl_c)
     capfd.readouterr()
-    assert main(flags(tiny_model, quotes_file, tmp_path, "--steps", "3")) == 130
+    try:
+        code = main(flags(tiny_model, quotes_file, tmp_path, "--steps", "3"))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command line as a traceback")
+    assert code == 130
     err = capfd.readouterr().err
     line = last_line(err)
     assert line.startswith("interrupted: training stopped at step 0 of 3") and "Traceback" not in err
