@@ -474,7 +474,7 @@ def config_mismatches(exported, reference) -> list[str]:
 # --- verification ----------------------------------------------------------------------------
 
 
-def eval_loss(model, tokenizer, train_cfg, data, precision) -> float:
+def eval_loss(model, tokenizer, train_cfg, *, data, precision) -> float:
     """Held-out loss computed exactly as training computed it: TRL's SFTTrainer.evaluate with the
     run's settings (packing, sequence length, batch), on the run's held-out split."""
     from transformers import PrinterCallback, ProgressCallback
@@ -500,11 +500,11 @@ def agreement_prompts(data, n: int) -> list[str]:
     return list(PROMPTS) + [quote_prompt(q) for q in data["test"]["quote"][:n]]
 
 
-def measure(model, tokenizer, train_cfg, data, precision, prompts: list[str]) -> dict:
+def measure(model, tokenizer, train_cfg, *, data, precision, prompts: list[str]) -> dict:
     from gemma_qlora.evaluate import generate
 
     return {
-        "eval_loss": eval_loss(model, tokenizer, train_cfg, data, precision),
+        "eval_loss": eval_loss(model, tokenizer, train_cfg, data=data, precision=precision),
         "continuations": generate(model, tokenizer, prompts, max_new_tokens=train_cfg.max_new_tokens),
     }
 
@@ -614,7 +614,7 @@ def adapter_reference(train_cfg, run_dir: Path, precision, *, data, prompts: lis
             return dict(entry["adapter"])
     print(f"scoring the adapter model ({train_cfg.bits}-bit base + adapter) on {len(data['test'])} held-out quotes...", flush=True)
     model, tokenizer = load_adapter_model(train_cfg, run_dir, precision)
-    reference = measure(model, tokenizer, train_cfg, data, precision, prompts)
+    reference = measure(model, tokenizer, train_cfg, data=data, precision=precision, prompts=prompts)
     del model
     _release()
     print(f"adapter model: held-out loss {reference['eval_loss']:.4f}", flush=True)
@@ -655,7 +655,7 @@ def verify(kind: str, path: Path, *, reference: dict, context: dict) -> dict:
             "tokenizer_agreement": tokenizer_agreement(tokenizer, context["tokenizer"], context["prompts"] + list(data["test"]["quote"])),
             "chat_template": bool(tokenizer.chat_template),
         }
-    entry.update(measure(model, tokenizer, train_cfg, data, precision, context["prompts"]))
+    entry.update(measure(model, tokenizer, train_cfg, data=data, precision=precision, prompts=context["prompts"]))
     del model
     _release()
     entry["agreement"] = agreement(entry["continuations"], reference["continuations"])
