@@ -81,13 +81,15 @@ def resumed(interrupted, tiny_model, quotes_file, tmp_path_factory):
 
 
 def test_run_folder_is_safe_by_construction(resumed, tiny_model, quotes_file, tmp_path, capfd):
-    out, done = resumed
+    source, done = resumed
     assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "runs"
+    shutil.copytree(source / "4bit", out / "4bit")  # a finished run of our own to refuse and overwrite
     run = out / "4bit"
     base = flags(tiny_model, quotes_file, out, "--steps", "4", "--save_steps", "1")
 
     # a run name is a name: never a path out of --output_dir, and nothing outside is touched
-    victim = tmp_path / "precious"
+    victim = tmp_path / "precious"  # beside --output_dir
     (victim / "adapter").mkdir(parents=True)
     (victim / "adapter" / "mine.txt").write_text("the user's")
     (victim / "metrics.json").write_text("{}")
