@@ -95,7 +95,7 @@ def _text(content, row: int) -> str:
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(p.get("text") or "" for p in content)
-    raise UserError(f"Example {row}: a turn's content must be text (this recipe trains on text only), not {str(content)[:60]!r}.")
+    raise UserError(f"Row {row}: a turn's content must be text (this recipe trains on text only), not {str(content)[:60]!r}.")
 
 
 def _conversation(messages, row: int) -> list[dict]:
@@ -104,41 +104,44 @@ def _conversation(messages, row: int) -> list[dict]:
     from trl.data_utils import maybe_convert_to_chatml
 
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise UserError(f"Example {row}: messages must be a non-empty list of {{role, content}}, not {str(messages)[:60]!r}.")
+        raise UserError(f"Row {row}: messages must be a non-empty list of {{role, content}}, not {str(messages)[:60]!r}.")
     messages = maybe_convert_to_chatml({"messages": messages})["messages"]  # ShareGPT's from/value, as TRL reads them
     turns = []
     for message in messages:
         role = message.get("role")
         if not isinstance(role, str) or "content" not in message:
-            raise UserError(f"Example {row}: every message needs a role and a content, not {str(message)[:60]!r}.")
+            raise UserError(f"Row {row}: every message needs a role and a content, not {str(message)[:60]!r}.")
         turns.append({"role": "assistant" if role == "model" else role, "content": _text(message["content"], row)})
     answers = [t for t in turns if t["role"] == "assistant"]
     if not answers:
-        raise UserError(f"Example {row} has no assistant turn, so nothing to learn: give each conversation an answer.")
+        raise UserError(f"Row {row} has no assistant turn, so nothing to learn: give each conversation an answer.")
     if any(not t["content"].strip() for t in answers):
-        raise UserError(f"Example {row} has an empty assistant turn: remove it or give it the answer.")
+        raise UserError(f"Row {row} has an empty assistant turn: remove it or give it the answer.")
     return turns
 
 
 def select_format(data: Dataset, fmt: str, cfg, name: str) -> Dataset:
-    """The format's columns under their canonical names, each example checked."""
+    """The format's columns under their canonical names, each example checked, and its `row` in
+    `data` (from 1), by which an error found after the split still names it."""
     columns = data_columns(cfg)[fmt]
     data = data.select_columns(list(columns))
     renames = {c: canon for c, canon in zip(columns, COLUMNS[fmt]) if c != canon}
     if renames:
         data = data.rename_columns(renames)
+    rows = list(range(1, len(data) + 1))
     if fmt == "quote":  # as always: rows without a quote or an author are left out
+        data = data.add_column("row", rows)
         return data.filter(lambda r: bool(r["quote"] and r["author"] and r["quote"].strip() and r["author"].strip()))
     if fmt == "messages":
-        return Dataset.from_dict({"messages": [_conversation(m, i + 1) for i, m in enumerate(data["messages"])]})
+        return Dataset.from_dict({"messages": [_conversation(m, row) for row, m in zip(rows, data["messages"])], "row": rows})
     for column in COLUMNS[fmt]:
-        for i, value in enumerate(data[column]):
+        for row, value in zip(rows, data[column]):
             if not isinstance(value, str):
                 hint = ": for conversations use a messages column" if isinstance(value, list) else ""
-                raise UserError(f"Example {i + 1}: {column} must be text, not {str(value)[:60]!r}{hint}.")
+                raise UserError(f"Row {row} of {name}: {column} must be text, not {str(value)[:60]!r}{hint}.")
             if column != "prompt" and not value.strip():
-                raise UserError(f"Example {i + 1} has an empty {column}: remove it or fill it in.")
-    return data
+                raise UserError(f"Row {row} of {name} has an empty {column}: remove it or fill it in.")
+    return data.add_column("row", rows)
 
 
 # --- the chat template ---------------------------------------------------------------------
@@ -228,7 +231,7 @@ def _encoder(tokenizer, fmt: str):
                     example["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=template
                 )
             except TemplateError as error:
-                raise UserError(f"Example {row}: the chat template refuses this conversation ({error.message}).") from None
+                raise UserError(f"Row {row}: the chat template refuses this conversation ({error.message}).") from None
             ids = list(out["input_ids"])
             labels = [i if m else -100 for i, m in zip(ids, out["assistant_masks"])]
         elif fmt == "prompt_completion":
@@ -248,7 +251,8 @@ def _encoder(tokenizer, fmt: str):
             labels = list(ids)
         labels[0] = -100  # nothing comes before the first token, so it is never a target
         if all(label == -100 for label in labels):
-            raise UserError(f"Example {row} has no token to train on: its chat template marks no assistant text.")
+            why = ": the chat template marks none of its assistant text" if fmt == "messages" else ""
+            raise UserError(f"Row {row} has no token to train on{why}.")
         return {"input_ids": ids, "labels": labels}
 
     return encode
@@ -259,7 +263,7 @@ def encode_split(data: Dataset, tokenizer, *, max_length: int, what: str = "exam
     `max_length` tokens dropped; and its counts. Refuses a split none of whose examples fits."""
     fmt = format_of(data)
     encode = _encoder(tokenizer, fmt)
-    rows = [encode(example, i + 1) for i, example in enumerate(data)]
+    rows = [encode(example, example.get("row", i + 1)) for i, example in enumerate(data)]
     encoded = data.add_column("input_ids", [r["input_ids"] for r in rows]).add_column("labels", [r["labels"] for r in rows])
     lengths = [len(r["input_ids"]) for r in rows]
     keep = [i for i, n in enumerate(lengths) if n <= max_length]
@@ -293,7 +297,7 @@ def trainable(data: Dataset, tokenizer, *, max_length: int) -> Dataset:
     if "labels" not in data.column_names:
         data, counts = encode_split(data, tokenizer, max_length=max_length)
         if counts.too_long:
-            print(f"{too_long_line(counts, max_length)}", file=sys.stderr, flush=True)
+            print(too_long_line(counts, max_length), file=sys.stderr, flush=True)
     return data.select_columns(["input_ids", "labels"])
 
 

@@ -368,9 +368,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_model, mm_model, tm
     if case == "no_template":  # the conftest tokenizer has no chat template
         model, says = tiny_model, "no chat template"
     elif case == "role_refused":  # two user turns in a row: Gemma's template refuses
-        rows, says = [{"messages": [ask, ask, answer]}] * 6, "chat template refuses this conversation"
+        rows = [{"messages": [ask, answer]}] * 3 + [{"messages": [ask, ask, answer]}] + [{"messages": [ask, answer]}] * 2
+        says = "Row 4: the chat template refuses this conversation"  # the row in the file, whichever split it fell in
     elif case == "empty_answer":
-        rows, says = [{"messages": [ask, answer]}] * 5 + [{"messages": [ask, {"role": "assistant", "content": " "}]}], "empty assistant turn"
+        rows, says = [{"messages": [ask, answer]}] * 5 + [{"messages": [ask, {"role": "assistant", "content": " "}]}], "Row 6 has an empty assistant turn"
     elif case == "mixed":
         rows, says = [{"messages": [ask, answer]}] * 3 + [{"text": "a text"}] * 3, "mixes formats"
     elif case == "all_too_long":
