@@ -111,11 +111,19 @@ def load_language_model(path: str, config, **kwargs) -> PreTrainedModel:
     renaming in `LANGUAGE_MODEL_KEYS` leaves without a place, are never read from the files. The
     adapter trained on it loads back onto the same class loaded the same way.
     `kwargs` go to `from_pretrained` (dtype, quantization, device map...)."""
+    import copy
     import logging
 
     import transformers
 
     cls = getattr(transformers, MULTIMODAL_TYPES[config.model_type])
+    quantization = kwargs.get("quantization_config")
+    if config.model_type == "gemma3n" and quantization is not None:
+        # Gemma 3n's AltUp clamps its own coefficient weights while training, which packed 4-bit
+        # or int8 weights cannot take: those small layers stay unquantized (with the head, as by default).
+        quantization = copy.deepcopy(quantization)
+        quantization.llm_int8_skip_modules = [*(quantization.llm_int8_skip_modules or ["lm_head"]), r".*\.altup"]
+        kwargs["quantization_config"] = quantization
     # transformers' load report would list every vision weight as unexpected, which is what is
     # wanted here; a missing text weight, which is not, is checked below instead.
     report = logging.getLogger("transformers.modeling_utils")

@@ -322,8 +322,10 @@ def test_only_the_language_model_is_read(mm_model, monkeypatch):
         torch.testing.assert_close(model(input_ids=ids).logits, full(input_ids=ids).logits)
 
 
-def test_gemma3n_language_model_alone(tmp_path, tokenizer):
-    """Gemma 3n: its language model loads alone the same way, quantized, and LoRA trains on it."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemma3n_language_model_alone(tmp_path, tokenizer, bits):
+    """Gemma 3n: its language model loads alone the same way, quantized, and LoRA trains on it in
+    training mode (where AltUp clamps its own weights, which therefore stay unquantized)."""
     from safetensors.torch import save_file
     from transformers import Gemma3nConfig, Gemma3nForCausalLM, Gemma3nTextConfig
 
@@ -346,10 +348,12 @@ def test_gemma3n_language_model_alone(tmp_path, tokenizer):
     Gemma3nConfig(text_config=text.to_dict()).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
 
-    cfg = TrainConfig(model=str(tmp_path), bits=4, lora_dropout=0.0)
+    cfg = TrainConfig(model=str(tmp_path), bits=bits, lora_dropout=0.0)
     model, _ = load_model(cfg, CPU)
     assert type(model).__name__ == "Gemma3nForCausalLM"
-    model = attach_lora(model, cfg)
+    assert type(model.model.layers[0].altup.prediction_coefs) is torch.nn.Linear
+    assert type(model.model.layers[0].self_attn.q_proj) is not torch.nn.Linear  # quantized
+    model = attach_lora(model, cfg).train()
     ids = torch.tensor([[2, 10, 20, 30, 40]])
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
