@@ -72,7 +72,7 @@ def run_name(arm: str, seed: int, seeds: list[int]) -> str:
 def arm_flags(cfg: CompareConfig, arm: str, seed: int, name: str) -> list[str]:
     """The `train` command line for one arm: the shared settings plus the arm's own."""
     values = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
-    values.update(ARMS[arm], seed=seed, run_name=name, merge=False)
+    values.update(ARMS[arm], seed=seed, run_name=name, merge=False, overwrite=True)  # an arm that runs again starts over
     flags = []
     for name, value in values.items():
         if value is None:

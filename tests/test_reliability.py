@@ -102,7 +102,7 @@ def test_token_never_written_or_printed(tiny_model, quotes_file, tmp_path):
     token = "hf_" + "PlantedFakeToken" * 3
     env = {**os.environ, "HF_TOKEN": token}
     out = tmp_path / "runs"
-    done = subprocess.run(train_cmd(tiny_model, quotes_file, out, "--steps", "2", "--save_steps", "1"),
+    done = subprocess.run(train_cmd(tiny_model, quotes_file, out, "--steps", "2", "--save_steps", "1", "--max_seq_length", "128"),
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     gated = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", "--model", "google/gemma-2b", "--output_dir", str(out),

@@ -187,7 +187,7 @@ def test_accelerate_launch_runs_the_train_command(tiny_model, quotes_file, tmp_p
     out = tmp_path / "runs"
     cmd = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "gemma_qlora", "train", "--model", tiny_model, "--data", quotes_file,
-           "--steps", "2", "--batch_size", "2", "--max_seq_length", "64", "--eval_size", "4", "--max_new_tokens", "2",
+           "--steps", "2", "--batch_size", "2", "--max_seq_length", "128", "--eval_size", "4", "--max_new_tokens", "2",
            "--output_dir", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -201,7 +201,7 @@ def test_two_processes_train_data_parallel_and_only_rank_0_writes(tiny_model, qu
     the same torch.distributed workers."""
     out = tmp_path / "runs"
     cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "gemma_qlora", "train", "--model", tiny_model, "--data", quotes_file,
-           "--steps", "2", "--batch_size", "2", "--max_seq_length", "64", "--eval_size", "4", "--max_new_tokens", "2",
+           "--steps", "2", "--batch_size", "2", "--max_seq_length", "128", "--eval_size", "4", "--max_new_tokens", "2",
            "--logging_steps", "1", "--output_dir", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -263,7 +263,7 @@ def test_fsdp_on_two_cpu_processes_saves_a_whole_adapter(tiny_model, quotes_file
     out = tmp_path / "runs"
     runner = str(Path(__file__).with_name("fsdp_on_cpu.py"))
     cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", runner, "train", "--model", tiny_model, "--data", quotes_file,
-           "--steps", "3", "--batch_size", "2", "--max_seq_length", "64", "--eval_size", "4", "--max_new_tokens", "2",
+           "--steps", "3", "--batch_size", "2", "--max_seq_length", "128", "--eval_size", "4", "--max_new_tokens", "2",
            "--logging_steps", "1", "--learning_rate", "1e-2", "--warmup_steps", "0", "--quant_storage", "float32", "--output_dir", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
