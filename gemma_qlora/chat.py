@@ -33,7 +33,7 @@ class GenerateConfig:
     chat: bool | None = field(
         default=None,
         metadata={"help": "Wrap each prompt in the tokenizer's chat template. Default: yes when it has one, except for "
-                  "--run (the recipe trains on plain text)."},
+                  "a --run that trained on plain text (quotes, text, prompt/completion)."},
     )
     sample: bool = field(default=False, metadata={"help": "Sample (temperature, top_p) instead of greedy decoding."})
     temperature: float = field(default=0.7, metadata={"help": "With --sample: lower is more predictable."})
@@ -80,10 +80,16 @@ def load(cfg: GenerateConfig, precision=None):
     from gemma_qlora.quant import detect_precision
 
     if cfg.run:
-        train_cfg, _ = read_run(cfg.run)
+        from gemma_qlora import formats
+
+        train_cfg, metrics = read_run(cfg.run)
         precision = precision or detect_precision(force_fp16=train_cfg.force_fp16)
         model, tokenizer = load_adapter_model(train_cfg, Path(cfg.run).expanduser(), precision)
-        return model, tokenizer, True
+        # a chat run answers inside the chat template it trained with, and ends its turn
+        chat_run = metrics.get("data", {}).get("train", {}).get("format") == "messages"
+        if chat_run:
+            formats.stop_at_end_of_turn(model, tokenizer)
+        return model, tokenizer, not chat_run
     precision = precision or detect_precision()
     path = Path(cfg.model).expanduser()
     if path.suffix == ".gguf":

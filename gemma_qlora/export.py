@@ -79,7 +79,7 @@ class ExportConfig:
                   "weights, a model the adapter never saw (a fall is not a failure)."},
     )
     agreement_prompts: int = field(
-        default=8, metadata={"help": "Held-out quotes whose greedy continuation is compared, besides the run's prompts."}
+        default=8, metadata={"help": "Held-out examples whose greedy continuations are compared (for quotes, besides the run's prompts)."}
     )
 
     def __post_init__(self) -> None:
@@ -197,27 +197,42 @@ def check_base(train_cfg, metrics: dict) -> str:
 # --- models ----------------------------------------------------------------------------------
 
 
-def load_adapter_model(train_cfg, run_dir: Path, precision):
-    """The model as trained: the base quantized as the run had it, with the run's adapter."""
+def load_adapter_model(train_cfg, run_dir: Path, precision, *, dequantized: bool = False):
+    """The model as trained: the base quantized as the run had it, with the run's adapter.
+
+    `dequantized=True` turns the quantized layers back into plain ones first (see `merged_model`)
+    and leaves the adapter unmerged: the trained weights computed without bitsandbytes' kernels.
+    """
+    from gemma_qlora.formats import use_chat_template
     from gemma_qlora.lora import load_adapter
     from gemma_qlora.model import load_model
 
     model, tokenizer = load_model(train_cfg, precision)
+    use_chat_template(tokenizer, train_cfg)  # the template the run trained with
+    if dequantized and train_cfg.bits != 16:
+        model = model.dequantize(dtype=precision.compute_dtype)
     return load_adapter(model, str(run_dir / "adapter")).eval(), tokenizer
 
 
 def merged_model(train_cfg, run_dir: Path, precision, *, base: str):
     """The base with the adapter merged in, as a plain transformers model in the compute dtype.
 
-    `base="dequantized"` loads the base quantized exactly as it trained and turns every
-    bitsandbytes `Linear4bit`/`Linear8bitLt` back into an `nn.Linear` holding the weights the
-    adapter saw (transformers' `dequantize`, i.e. bitsandbytes' `dequantize_4bit` /
-    `int8_vectorwise_dequant`), then merges. `base="original"` merges into the unquantized
-    checkpoint, which the adapter never saw: the adapter learned to correct the quantized
-    weights, so its correction lands on different weights. Merging into the quantized layers
-    themselves (PEFT's merge on a bnb layer) would re-quantize the sum and lose the adapter's
-    precision, so neither path does that.
+    `base="dequantized"` (the default) loads the base quantized exactly as it trained and turns
+    every bitsandbytes `Linear4bit`/`Linear8bitLt` back into an `nn.Linear` holding the weights
+    the adapter saw (transformers' `dequantize`, i.e. bitsandbytes' `dequantize_4bit` /
+    `int8_vectorwise_dequant`), then merges. It is the default because it is the model that was
+    trained and evaluated: its held-out loss and greedy outputs are the adapter model's up to
+    bf16 rounding, which the verification can hold to a tight limit.
+
+    `base="original"` merges into the unquantized checkpoint, which the adapter never saw: the
+    adapter learned to correct the quantized weights, so its correction lands on other weights
+    and the result is a different model, better or worse depending on how much of the
+    quantization error training absorbed (the README's export table measures both).
+
+    Merging into the quantized layers themselves (PEFT's merge on a bnb layer) would
+    re-quantize the sum and lose the adapter's precision, so neither path does that.
     """
+    from gemma_qlora.formats import use_chat_template
     from gemma_qlora.lora import load_adapter
     from gemma_qlora.model import load_model
 
@@ -226,6 +241,7 @@ def merged_model(train_cfg, run_dir: Path, precision, *, base: str):
     else:
         model, tokenizer = load_model(train_cfg, precision)
         model = model.dequantize(dtype=precision.compute_dtype)
+    use_chat_template(tokenizer, train_cfg)  # the template the run trained with
     model = load_adapter(model, str(run_dir / "adapter")).merge_and_unload()
     model.config.use_cache = True  # the loader turned it off for training
     return model.eval(), tokenizer
@@ -475,33 +491,42 @@ def config_mismatches(exported, reference) -> list[str]:
 
 
 def eval_loss(model, tokenizer, train_cfg, *, data, precision) -> float:
-    """Held-out loss computed exactly as training computed it: TRL's SFTTrainer.evaluate with the
-    run's settings (packing, sequence length, batch), on the run's held-out split."""
+    """Held-out loss computed exactly as training computed it: the run's own trainer (same
+    encoding, masking, packing and batch) evaluating the run's held-out split."""
     from transformers import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
 
-    from gemma_qlora.data import to_text
-    from gemma_qlora.trainer import sft_config
+    from gemma_qlora.trainer import make_trainer
 
     with tempfile.TemporaryDirectory() as folder:
-        args = sft_config(train_cfg, precision=precision, output_dir=Path(folder))
-        held_out = to_text(data["test"], tokenizer.eos_token)
-        # TRL insists on a training set; the held-out one stands in, since nothing trains here
-        trainer = SFTTrainer(model=model, args=args, train_dataset=held_out, eval_dataset=held_out, processing_class=tokenizer)
+        trainer = make_trainer(train_cfg, model, tokenizer, data, precision=precision, output_dir=Path(folder))
         for quiet in (PrinterCallback, ProgressCallback):  # the command prints its own one line per model
             trainer.remove_callback(quiet)
         return float(trainer.evaluate()["eval_loss"])
 
 
-def agreement_prompts(data, n: int) -> list[str]:
-    """The run's prompts, then the first `n` held-out quotes up to their `Author:`."""
+def agreement_prompts(data, tokenizer, n: int) -> list[str]:
+    """The prompts greedy continuations are compared on: for quotes, the run's prompts and the
+    first `n` held-out quotes up to their `Author:`; for other formats, the first `n` held-out
+    examples' prompts (chat prompts, prompts, a text's first words)."""
     from gemma_qlora.data import PROMPTS, quote_prompt
+    from gemma_qlora.formats import format_of, generation_prompts
 
-    return list(PROMPTS) + [quote_prompt(q) for q in data["test"]["quote"][:n]]
+    if format_of(data["test"]) == "quote":
+        return list(PROMPTS) + [quote_prompt(q) for q in data["test"]["quote"][:n]]
+    return generation_prompts(data["test"], tokenizer, n=n)
+
+
+def held_out_texts(data, tokenizer) -> list[str]:
+    """The held-out examples as text, for comparing an exported tokenizer with the run's."""
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in data["test"]["input_ids"]]
 
 
 def measure(model, tokenizer, train_cfg, *, data, precision, prompts: list[str]) -> dict:
     from gemma_qlora.evaluate import generate
+    from gemma_qlora.formats import format_of, stop_at_end_of_turn
+
+    if format_of(data["test"]) == "messages":
+        stop_at_end_of_turn(model, tokenizer)  # as the run generated
 
     return {
         "eval_loss": eval_loss(model, tokenizer, train_cfg, data=data, precision=precision),
@@ -532,6 +557,7 @@ def judge(entry: dict, adapter_loss: float, *, limit: float, one_sided: bool) ->
     drift = (entry["eval_loss"] - adapter_loss) / adapter_loss
     entry["loss_drift"] = drift
     entry["max_loss_drift"] = limit
+    entry["only_a_rise_fails"] = one_sided
     entry["passed"] = (drift <= limit) if one_sided else (abs(drift) <= limit)
     return entry
 
@@ -583,11 +609,11 @@ def _finish(partial: Path, out: Path, *, passed: bool) -> Path:
 
 
 def reference_key(run_dir: Path, precision, *, data, prompts: list[str]) -> dict:
-    """What the adapter model's figures depend on: the adapter's bytes, the held-out quotes, the
+    """What the adapter model's figures depend on: the adapter's bytes, the held-out examples, the
     hardware's dtype and the libraries (the base is checked separately, by its fingerprint)."""
     from importlib.metadata import version
 
-    held_out = json.dumps([list(data["test"]["quote"]), list(data["test"]["author"])]).encode()
+    held_out = json.dumps([list(data["test"]["input_ids"]), list(data["test"]["labels"])]).encode()
     return {
         "adapter_sha256": hashlib.sha256((run_dir / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest(),
         "held_out_sha256": hashlib.sha256(held_out).hexdigest(),
@@ -598,26 +624,30 @@ def reference_key(run_dir: Path, precision, *, data, prompts: list[str]) -> dict
     }
 
 
-def adapter_reference(train_cfg, run_dir: Path, precision, *, data, prompts: list[str]) -> dict:
-    """The adapter model's held-out loss and continuations, every export's yardstick. An earlier
-    export of the same run on the same hardware and libraries has measured them already
-    (export.json): they are taken from there rather than measured again."""
-    key = reference_key(run_dir, precision, data=data, prompts=prompts)
+def adapter_reference(train_cfg, run_dir: Path, precision, *, data, prompts: list[str], dequantized: bool = False) -> dict:
+    """The adapter model's held-out loss and continuations (with `dequantized`, those of the
+    adapter on the dequantized base, unmerged). An earlier export of the same run on the same
+    hardware and libraries has measured them already (export.json): they are taken from there
+    rather than measured again."""
+    key = {**reference_key(run_dir, precision, data=data, prompts=prompts), "dequantized": dequantized}
+    what = "the adapter on the dequantized weights" if dequantized else "adapter model"
     try:
         earlier = json.loads((run_dir / EXPORT_RECORD).read_text())
     except (OSError, ValueError):
         earlier = {}
     for entry in earlier.values():
-        if entry.get("adapter", {}).get("key") == key:
-            print(f"adapter model: held-out loss {entry['adapter']['eval_loss']:.4f} (measured by an earlier export of "
-                  "this run, same adapter, hardware and libraries)", flush=True)
-            return dict(entry["adapter"])
-    print(f"scoring the adapter model ({train_cfg.bits}-bit base + adapter) on {len(data['test'])} held-out quotes...", flush=True)
-    model, tokenizer = load_adapter_model(train_cfg, run_dir, precision)
+        for field_name in ("adapter", "adapter_dequantized"):
+            found = entry.get(field_name) or {}
+            if found.get("key") == key:
+                print(f"{what}: held-out loss {found['eval_loss']:.4f} (measured by an earlier export of this run, "
+                      "same adapter, hardware and libraries)", flush=True)
+                return dict(found)
+    print(f"scoring {what} ({train_cfg.bits}-bit base + adapter) on {len(data['test'])} held-out examples...", flush=True)
+    model, tokenizer = load_adapter_model(train_cfg, run_dir, precision, dequantized=dequantized)
     reference = measure(model, tokenizer, train_cfg, data=data, precision=precision, prompts=prompts)
     del model
     _release()
-    print(f"adapter model: held-out loss {reference['eval_loss']:.4f}", flush=True)
+    print(f"{what}: held-out loss {reference['eval_loss']:.4f}", flush=True)
     return {**reference, "key": key}
 
 
@@ -652,7 +682,7 @@ def verify(kind: str, path: Path, *, reference: dict, context: dict) -> dict:
         entry = {
             "bytes": path.stat().st_size,
             "config_mismatches": config_mismatches(model.config, context["config"]),
-            "tokenizer_agreement": tokenizer_agreement(tokenizer, context["tokenizer"], context["prompts"] + list(data["test"]["quote"])),
+            "tokenizer_agreement": tokenizer_agreement(tokenizer, context["tokenizer"], context["prompts"] + context["texts"]),
             "chat_template": bool(tokenizer.chat_template),
         }
     entry.update(measure(model, tokenizer, train_cfg, data=data, precision=precision, prompts=context["prompts"]))
@@ -672,7 +702,7 @@ def export(cfg: ExportConfig) -> dict:
     """Export one run, verify the export, record the figures; see the module docstring."""
     from safetensors import SafetensorError
 
-    from gemma_qlora.data import load_quotes
+    from gemma_qlora.formats import encoded_examples
     from gemma_qlora.quant import detect_precision
 
     run_dir = Path(cfg.run).expanduser()
@@ -685,12 +715,18 @@ def export(cfg: ExportConfig) -> dict:
     base_check = check_base(train_cfg, metrics)
     base = "original" if train_cfg.bits == 16 else cfg.base
     precision = detect_precision(force_fp16=train_cfg.force_fp16)
-    data = load_quotes(train_cfg.data, quote_column=train_cfg.quote_column, author_column=train_cfg.author_column,
-                       eval_size=train_cfg.eval_size, max_train_examples=train_cfg.max_train_examples)
-    prompts = agreement_prompts(data, cfg.agreement_prompts)
+    data, _, run_tokenizer = encoded_examples(train_cfg)
+    prompts = agreement_prompts(data, run_tokenizer, cfg.agreement_prompts)
 
     reference = adapter_reference(train_cfg, run_dir, precision, data=data, prompts=prompts)
     reference["recorded_eval_loss"] = metrics.get("eval_loss")
+    dense = None
+    if train_cfg.bits == 8:
+        # LLM.int8 also rounds every activation to 8 bits at inference, which no checkpoint can
+        # carry: an 8-bit run's exports are held to the trained weights, computed plainly
+        dense = adapter_reference(train_cfg, run_dir, precision, data=data, prompts=prompts, dequantized=True)
+        dense["int8_activation_gap"] = (reference["eval_loss"] - dense["eval_loss"]) / dense["eval_loss"]
+    yardstick = dense or reference
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -707,16 +743,16 @@ def export(cfg: ExportConfig) -> dict:
     _release()
     export_seconds = time.perf_counter() - t0
     context = dict(cfg=cfg, train_cfg=train_cfg, data=data, precision=precision, prompts=prompts, base=base,
-                   config=config, tokenizer=tokenizer)
+                   config=config, tokenizer=tokenizer, texts=held_out_texts(data, tokenizer))
     t0, checked = time.perf_counter(), []
     try:
         for kind, path, write_seconds in files:
             name = out.name if kind == "merged" else path.name
             print(f"verifying {name}...", flush=True)
             entry = {"model": kind, "file": name, "write_seconds": write_seconds}
-            entry.update(verify(kind, path, reference=reference, context=context))
+            entry.update(verify(kind, path, reference=yardstick, context=context))
             checked.append(entry)
-            print(f"  held-out loss {entry['eval_loss']:.4f} ({entry['loss_drift']:+.3%} vs the adapter model), "
+            print(f"  held-out loss {entry['eval_loss']:.4f} ({entry['loss_drift']:+.3%} vs {'the adapter on the dequantized weights' if dense else 'the adapter model'}), "
                   f"greedy identical on {entry['agreement']['identical']}/{entry['agreement']['prompts']} prompts", flush=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -729,13 +765,14 @@ def export(cfg: ExportConfig) -> dict:
         "into": cfg.into, "base": base, "out": str(final), "passed": passed, "base_check": base_check,
         "device": precision.device, "compute_dtype": precision.name, "save_dtype": cfg.save_dtype if cfg.into == "merged" else None,
         "merge_seconds": merge_seconds, "export_seconds": export_seconds, "verify_seconds": verify_seconds,
-        "prompts": prompts, "adapter": reference, "exports": checked,
+        "prompts": prompts, "adapter": reference, "adapter_dequantized": dense,
+        "yardstick": "adapter_dequantized" if dense else "adapter", "exports": checked,
     }
     record(run_dir, out, result)
     if not passed:
         bad = next(e for e in checked if not e["passed"])
         why = (f"its settings came back different ({'; '.join(bad['config_mismatches'])})" if bad.get("config_mismatches")
-               else f"held-out loss {bad['eval_loss']:.4f} vs {reference['eval_loss']:.4f} for the adapter model "
+               else f"held-out loss {bad['eval_loss']:.4f} vs {yardstick['eval_loss']:.4f} for the adapter model "
                     f"({bad['loss_drift']:+.2%}, limit {bad['max_loss_drift']:.2%})")
         raise UserError(f"Export {bad['file']} does not match the trained model: {why}. Kept aside in {final}; "
                         f"figures in {run_dir / EXPORT_RECORD}.")

@@ -291,6 +291,19 @@ def encode_splits(data: DatasetDict, tokenizer, *, max_length: int) -> tuple[Dat
     return DatasetDict(out), counts
 
 
+def encoded_examples(cfg) -> tuple[DatasetDict, dict[str, Counts], object]:
+    """`cfg.data` read, split and encoded with the model's tokenizer (chat template as `cfg`
+    asks): the examples a run trains and evaluates on, its counts, and that tokenizer. Reads no
+    weights, so bad data is said before a model loads."""
+    from gemma_qlora.data import load_examples
+
+    data = load_examples(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    use_chat_template(tokenizer, cfg)
+    data, counts = encode_splits(data, tokenizer, max_length=cfg.max_seq_length)
+    return data, counts, tokenizer
+
+
 def trainable(data: Dataset, tokenizer, *, max_length: int) -> Dataset:
     """The `input_ids` and `labels` TRL trains on: `data`'s own once encoded, else encoded here
     (dropping too-long examples, said on stderr)."""

@@ -30,7 +30,7 @@ from transformers import TrainerCallback, set_seed
 
 from gemma_qlora import formats
 from gemma_qlora.config import TrainConfig
-from gemma_qlora.data import PROMPTS, load_examples
+from gemma_qlora.data import PROMPTS
 from gemma_qlora.errors import UserError
 from gemma_qlora.evaluate import attributable, author_accuracy, generate
 from gemma_qlora.lora import attach_lora, parameter_counts
@@ -115,12 +115,9 @@ class Run:
         with self.recorder.phase("load"):
             check_model_folder(path)  # config, tokenizer and weight files, before anything heavy
             check_context_length(cfg, load_config(path, hf_token()))
-            self.data = load_examples(cfg)
             # Encoded (token ids, labels masked as the format says) with the model's tokenizer before
             # the model loads or anything is written, so that a bad example costs neither.
-            tokenizer = formats.load_tokenizer(cfg.model)
-            formats.use_chat_template(tokenizer, cfg)
-            self.data, counts = formats.encode_splits(self.data, tokenizer, max_length=cfg.max_seq_length)
+            self.data, counts, _ = formats.encoded_examples(cfg)
             self.format = counts["train"].format
             self.run_dir = prepare_run_dir(cfg, main=self.main)
             self.model, self.tokenizer = load_model(cfg, self.precision)

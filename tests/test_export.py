@@ -72,20 +72,29 @@ def test_merge_both_ways_matches_the_adapter_model(trained_run):
 
 
 def test_export_merged_is_a_plain_checkpoint_verified_and_recorded(trained_run, tmp_path):
+    """Refused while the output folder exists; with --overwrite, a plain bf16 checkpoint that
+    scores as the adapter model does, recorded in export.json."""
     from transformers import AutoModelForCausalLM
 
     from gemma_qlora.export import ExportConfig, export
 
     run = copy_run(trained_run, tmp_path)
-    result = export(ExportConfig(run=str(run), into="merged"))
-
     out = run / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError) as error:
+        export(ExportConfig(run=str(run), into="merged"))
+    assert "--overwrite" in one_line(error) and (out / "keep.txt").read_text() == "mine"
+
+    result = export(ExportConfig(run=str(run), into="merged", overwrite=True))
     assert result["passed"] and result["out"] == str(out) and result["base"] == "dequantized"
-    assert not (out / "adapter_config.json").exists() and not list(tmp_path.rglob("*.partial"))
+    assert not (out / "keep.txt").exists() and not (out / "adapter_config.json").exists()
+    assert not list(tmp_path.rglob("*.partial"))
     model = AutoModelForCausalLM.from_pretrained(out)  # no PEFT involved
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.bfloat16
     (entry,) = result["exports"]
-    assert abs(entry["loss_drift"]) < 0.005 and entry["agreement"]["prompts"] == 10
+    assert abs(entry["loss_drift"]) < 0.005
+    assert entry["agreement"]["prompts"] == len(result["prompts"]) > 2  # the run's two and held-out quotes
     # the reloaded adapter model scores exactly what training recorded: the same evaluation
     assert result["adapter"]["eval_loss"] == pytest.approx(result["adapter"]["recorded_eval_loss"], rel=1e-6)
     recorded = json.loads((run / "export.json").read_text())
@@ -276,20 +285,6 @@ def test_refuses_a_base_that_differs_or_is_missing(trained_run, tmp_path):
         export(ExportConfig(run=str(run)))
     assert "does not exist" in one_line(error) or "missing" in one_line(error)
     assert not (run / "merged").exists()
-
-
-def test_refuses_an_existing_output_folder_unless_overwrite(trained_run, tmp_path):
-    from gemma_qlora.export import ExportConfig, export
-
-    run = copy_run(trained_run, tmp_path)
-    (run / "merged").mkdir()
-    (run / "merged" / "keep.txt").write_text("mine")
-    with pytest.raises(UserError) as error:
-        export(ExportConfig(run=str(run)))
-    assert "--overwrite" in one_line(error)
-    assert (run / "merged" / "keep.txt").read_text() == "mine"
-    export(ExportConfig(run=str(run), overwrite=True))
-    assert (run / "merged" / "config.json").is_file() and not (run / "merged" / "keep.txt").exists()
 
 
 @pytest.mark.parametrize("into", ["merged", "gguf"])

@@ -234,7 +234,7 @@ def test_several_formats_complete_must_be_chosen(tmp_path):
         load_examples(TrainConfig(data=write_jsonl(tmp_path / "d.jsonl", [row] * 6)))
 
 
-def test_chat_trains_on_tiny_multimodal_gemma3_in_4bit_and_the_adapter_reloads(records, mm_model, tmp_path):
+def test_chat_trains_on_tiny_multimodal_gemma3_in_4bit_and_the_adapter_reloads(records, mm_model, tmp_path, capsys):
     """`train --data chat.jsonl --model <multimodal Gemma 3> --bits 4`: only the language model
     loads, quantized; it trains; the adapter reloads onto the language model with the logits the
     run ended with."""
@@ -274,6 +274,21 @@ def test_chat_trains_on_tiny_multimodal_gemma3_in_4bit_and_the_adapter_reloads(r
         again = reloaded(input_ids=ids).logits
     assert (trained - plain).abs().max() > 1e-3  # the adapter changes the logits...
     torch.testing.assert_close(again, trained)  # ...and reloads to the same ones
+
+    # exported, the chat run is scored on its own held-out conversations and chat prompts
+    from gemma_qlora.export import ExportConfig, export
+
+    result = export(ExportConfig(run=str(tmp_path / "runs" / "4bit"), into="merged"))
+    assert result["passed"] and result["adapter"]["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+    assert all(p.startswith("<start_of_turn>user\n") for p in result["prompts"])
+
+    # and `generate --run` talks to it inside the chat template
+    from gemma_qlora.chat import GenerateConfig, generate_command
+
+    capsys.readouterr()
+    generate_command(GenerateConfig(run=str(tmp_path / "runs" / "4bit"), prompt=["Who said: hello"], max_new_tokens=2))
+    out = capsys.readouterr()
+    assert "chat template on" in out.err and "user: Who said: hello" in out.out
 
 
 def test_only_the_language_model_is_read(mm_model, monkeypatch):
