@@ -108,6 +108,11 @@ class TrainConfig:
         metadata={"help": "torch.compile the norms, attention and MLP of each decoder layer: faster steps after "
                   "tens of seconds of compiling, so for runs of hundreds of steps (README, Decisions)."},
     )
+    offload_activations: bool = field(
+        default=False,
+        metadata={"help": "Keep the activations saved for the backward (with gradient checkpointing: each layer's input) "
+                  "in CPU memory, copied on a side stream (TRL's activation offloading): less GPU memory. GPU only."},
+    )
     auto_batch_size: bool = field(
         default=False, metadata={"help": "On out-of-memory, halve the micro-batch and go on (accelerate's finder)."}
     )

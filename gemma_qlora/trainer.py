@@ -46,6 +46,7 @@ def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> S
         save_total_limit=2,
         auto_find_batch_size=cfg.auto_batch_size,
         use_liger_kernel=cfg.liger_kernel,
+        activation_offloading=cfg.offload_activations and precision.device == "cuda",  # nothing to save on a CPU
         # Compiled code wants one shape: pad every flattened batch to its full size, or each new
         # length recompiles with dynamic shapes (the rows layout pads in its collator).
         pad_to_multiple_of=cfg.batch_size * cfg.max_seq_length if cfg.torch_compile and flat else None,
