@@ -114,7 +114,7 @@ class TrainConfig:
                   "in CPU memory, copied on a side stream (TRL's activation offloading): less GPU memory. GPU only."},
     )
     auto_batch_size: bool = field(
-        default=False, metadata={"help": "On out-of-memory, halve the micro-batch and go on (accelerate's finder)."}
+        default=False, metadata={"help": "Start from the largest micro-batch the memory plan predicts to fit the GPU (the global batch kept through --grad_accum), and halve it on out-of-memory (accelerate's finder)."}
     )
     optim: str = field(
         default="adamw_torch_fused",

@@ -48,6 +48,9 @@ NF4_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quantization: absmax themselves quantized in blocks of 256
 LOSS_TOKENS, LOSS_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob: logits tile of the fused loss
 MAX_TOKENS = 1 << 22  # a micro-batch beyond 4M tokens is a typo, not a plan
+# TRL's activation offloading keeps this many of the latest saved tensors on the GPU while the
+# forward runs (get_act_offloading_ctx_manager's max_fwd_stash_size), so that copies overlap compute
+OFFLOAD_STASH = 5
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ class PlanInputs:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = LORA_TARGETS
     gradient_checkpointing: bool = True
+    offload_activations: bool = False  # TRL's activation offloading: saved tensors in CPU memory
     packing: bool = True
     # "rows" (the package's default): one row per packed sequence (gemma_qlora.packing); "flat":
     # TRL's padding-free batch, the whole micro-batch in one row. Attention and its masks differ.
@@ -309,7 +313,7 @@ class PlanInputs:
             shape=shape, bits=cfg.bits, batch_size=cfg.batch_size, max_seq_length=cfg.max_seq_length,
             grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, lora_dropout=cfg.lora_dropout,
             lora_targets=tuple(cfg.lora_targets), gradient_checkpointing=cfg.gradient_checkpointing,
-            packing=cfg.packing, packing_layout=cfg.packing_layout, quant_type=cfg.quant_type, double_quant=cfg.double_quant, optim=cfg.optim,
+            offload_activations=cfg.offload_activations, packing=cfg.packing, packing_layout=cfg.packing_layout, quant_type=cfg.quant_type, double_quant=cfg.double_quant, optim=cfg.optim,
             dtype="float16" if fp16 else "bfloat16", attn_implementation=cfg.attn_implementation,
             workspace_mib=gpu.workspace_mib if gpu else 32.0,
         )
@@ -543,7 +547,9 @@ def build_plan(inputs: PlanInputs, *, gpu: GPU | None = None) -> Plan:
     opt_alloc, opt_paged = optimizer_bytes(inputs)
     workspace = int(2 * inputs.workspace_mib * 2**20) if inputs.device == "cuda" else 0
     shared = shared_bytes(inputs)
-    checkpoints = s.num_layers * inputs.tokens * s.hidden_size * a if inputs.gradient_checkpointing else 0
+    # each checkpointed layer keeps its input; offloaded, only the latest few stay on the GPU
+    resident = min(s.num_layers, OFFLOAD_STASH) if inputs.offload_activations else s.num_layers
+    checkpoints = resident * inputs.tokens * s.hidden_size * a if inputs.gradient_checkpointing else 0
     kept8 = int8_kept_bytes(inputs)
     kept8_extra = int(INT8_EXTRA * kept8)
     layer = layer_activation_bytes(inputs)
@@ -586,7 +592,8 @@ def build_plan(inputs: PlanInputs, *, gpu: GPU | None = None) -> Plan:
         ("cuBLAS workspaces", workspace * g, "forward and backward threads"),
         ("rotary tables, masks, ids", shared * g, f"attention row {rows} x {length:,} ({inputs.attention})"),
         ("checkpointed layer inputs", checkpoints * g,
-         f"{s.num_layers} x {inputs.tokens:,} x {s.hidden_size:,}" if checkpoints else "checkpointing off"),
+         (f"{resident} x {inputs.tokens:,} x {s.hidden_size:,}" + (f" (the rest offloaded to CPU)" if resident < s.num_layers else ""))
+         if checkpoints else "checkpointing off"),
     ]
     if kept8:
         plan.rows.append(("8-bit layer inputs", (kept8 + kept8_extra) * g, "held by bitsandbytes through the step"))
@@ -637,6 +644,24 @@ def choose_micro_batch(inputs: PlanInputs, gpu_gib: float | GPU) -> tuple[int, i
         f"({one.peak_allocated_gib:.1f} allocated + context), more than the {gpu.total_gib:g} GiB of {gpu.name}: "
         f"shorten --max_seq_length{', use --bits 4' if inputs.bits != 4 else ''} or a larger GPU."
     )
+
+
+def fit_micro_batch(cfg, gpu: GPU):
+    """`cfg` (a TrainConfig) with the largest micro-batch predicted to fit `gpu`, the global batch
+    (batch_size x grad_accum) kept through accumulation; for `--auto_batch_size`."""
+    inputs = PlanInputs.from_train_config(cfg, shape=load_shape(cfg.model), gpu=gpu)
+    micro, accum = choose_micro_batch(inputs, gpu)
+    return replace(cfg, batch_size=micro, grad_accum=accum)
+
+
+def prediction_line(cfg, gpu: GPU) -> str:
+    """What the planner predicts for `cfg` on `gpu`, for the out-of-memory advice ('' where the
+    model's config cannot be read)."""
+    try:
+        p = build_plan(PlanInputs.from_train_config(cfg, shape=load_shape(cfg.model), gpu=gpu), gpu=gpu)
+    except (UserError, OSError, ValueError):
+        return ""
+    return f"The planner predicted {p.need_gib(gpu):.1f} GiB of {gpu.total_gib:g} GiB and a largest micro-batch of {p.largest_micro_batch(gpu)}. "
 
 
 def plan(model: str | ModelShape = "embedded", *, gpu: str | float | GPU | None = None, **settings) -> Plan:
@@ -727,6 +752,7 @@ class PlanConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (0 keeps no dropout copies)."})
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"help": "Adapted projections."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward pass."})
+    offload_activations: bool = field(default=False, metadata={"help": "Checkpointed layer inputs kept in CPU memory, as train's flag."})
     packing: bool = field(default=True, metadata={"help": "Pack short examples into sequences, as train does."})
     packing_layout: str = field(default="rows", metadata={"help": "rows: a row per packed sequence (train's default); flat: a micro-batch in one row."})
     quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})

@@ -31,6 +31,7 @@ from transformers import TrainerCallback, set_seed
 from gemma_qlora import formats
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.data import PROMPTS
+from gemma_qlora.plan import current_gpu, fit_micro_batch
 from gemma_qlora.errors import UserError
 from gemma_qlora.evaluate import attributable, author_accuracy, generate
 from gemma_qlora.lora import attach_lora, parameter_counts
@@ -75,6 +76,14 @@ class Run:
         self.main = is_main_process()
         if cfg.gpu_memory_gib and self.precision.device == "cuda":
             cap_gpu_memory(cfg.gpu_memory_gib)
+        if cfg.auto_batch_size and self.precision.device == "cuda":
+            # the micro-batch the memory plan predicts to fit, before anything loads; the global
+            # batch stays (accumulation makes it up), and accelerate's finder still halves on OOM
+            planned = fit_micro_batch(cfg, current_gpu(cfg.gpu_memory_gib))
+            if (planned.batch_size, planned.grad_accum) != (cfg.batch_size, cfg.grad_accum):
+                print(f"--auto_batch_size: micro-batch {planned.batch_size} x {planned.grad_accum} accumulated "
+                      f"(the memory plan's largest that fits; asked {cfg.batch_size} x {cfg.grad_accum})", flush=True)
+            cfg = self.cfg = planned
         # The folder is only checked here (a name, not in use, continued or replaced as asked);
         # `load` claims it once the model and data have passed their checks, so that bad input
         # writes nothing.

@@ -105,11 +105,17 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
     return trainer
 
 
-def out_of_memory(cfg: TrainConfig, run_dir: Path) -> UserError:
-    """The advice for an out-of-memory error: what to lower, and what is kept."""
+def out_of_memory(cfg: TrainConfig, run_dir: Path, *, gpu=None) -> UserError:
+    """The advice for an out-of-memory error: what the planner predicted (on `gpu`, by default
+    the one in use), what to lower, and what is kept."""
+    from gemma_qlora.plan import current_gpu, prediction_line
+
+    if gpu is None and torch.cuda.is_available():
+        gpu = current_gpu(cfg.gpu_memory_gib)
+    predicted = prediction_line(cfg, gpu) if gpu is not None else ""
     return UserError(
         f"Out of GPU memory in run {cfg.name} (bits={cfg.bits}, micro-batch {cfg.batch_size} x {cfg.max_seq_length} tokens, "
-        f"LoRA r={cfg.lora_r}). Try --batch_size {max(1, cfg.batch_size // 2)} (with --grad_accum {cfg.grad_accum * 2} to keep "
-        f"the batch), a shorter --max_seq_length, {'--bits 4, ' if cfg.bits != 4 else ''}or --auto_batch_size true to halve "
-        f"the micro-batch automatically. Files written so far stay in {run_dir}."
+        f"LoRA r={cfg.lora_r}). {predicted}Try --batch_size {max(1, cfg.batch_size // 2)} (with --grad_accum {cfg.grad_accum * 2} to keep "
+        f"the batch), a shorter --max_seq_length, {'--bits 4, ' if cfg.bits != 4 else ''}--offload_activations true, or "
+        f"--auto_batch_size true to pick the micro-batch from the memory plan. Files written so far stay in {run_dir}."
     )

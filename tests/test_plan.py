@@ -16,6 +16,7 @@ from gemma_qlora.errors import UserError
 from gemma_qlora.lora import attach_lora
 from gemma_qlora.model import load_model
 from gemma_qlora.plan import (
+    GPU,
     GPUS,
     LORA_TARGETS,
     LOSS_TOKENS,
@@ -354,3 +355,37 @@ def test_plan_of_a_train_config(tiny_model):
     assert (inputs.bits, inputs.batch_size, inputs.grad_accum, inputs.lora_r) == (8, 4, 3, 4)
     assert (inputs.dtype, inputs.packing_layout, inputs.workspace_mib) == ("float16", "flat", GPUS["t4"].workspace_mib)
     assert PlanInputs.from_train_config(cfg, shape=load_shape(tiny_model), gpu=GPUS["l4"]).dtype == "bfloat16"
+
+
+def test_auto_batch_size_takes_the_plans_micro_batch_and_keeps_the_global_batch():
+    """`--auto_batch_size` on a GPU: the micro-batch the plan predicts to fit, accumulation making
+    up the rest; a micro-batch that already fits is left alone."""
+    from gemma_qlora.plan import fit_micro_batch
+
+    cfg = TrainConfig(model="embedded", bits=4, batch_size=64, grad_accum=2, max_seq_length=1024, auto_batch_size=True)
+    small = GPU("small", 6.0, bf16=False)
+    fitted = fit_micro_batch(cfg, small)
+    assert fitted.batch_size * fitted.grad_accum == 128 and fitted.batch_size < 64
+    inputs = PlanInputs.from_train_config(fitted, shape=load_shape("embedded"), gpu=small)
+    assert build_plan(inputs, gpu=small).fits()
+    assert not build_plan(replace(inputs, batch_size=fitted.batch_size * 2), gpu=small).fits()
+    assert fit_micro_batch(replace(cfg, batch_size=2, grad_accum=1), GPUS["h200"]) == replace(cfg, batch_size=2, grad_accum=1)
+
+
+def test_out_of_memory_advice_quotes_the_prediction(tmp_path):
+    from gemma_qlora.trainer import out_of_memory
+
+    cfg = TrainConfig(model="embedded", bits=8, batch_size=64, max_seq_length=1024)
+    message = str(out_of_memory(cfg, tmp_path, gpu=GPUS["t4"]))
+    expected = build_plan(PlanInputs.from_train_config(cfg, shape=load_shape("embedded"), gpu=GPUS["t4"]), gpu=GPUS["t4"])
+    assert f"The planner predicted {expected.need_gib(GPUS['t4']):.1f} GiB of 15 GiB" in message
+    assert f"largest micro-batch of {expected.largest_micro_batch()}" in message and "--offload_activations true" in message
+
+
+def test_offloaded_activations_leave_the_latest_layer_inputs_on_the_gpu():
+    """TRL's offloading keeps its forward stash (5 tensors) on the GPU: of the Gemma-2B shape's 18
+    checkpointed layer inputs (8 x 512 x 2048 bf16, 16 MiB each) 13 leave it."""
+    base = build_plan(PlanInputs(gemma_2b()))
+    offloaded = build_plan(PlanInputs(gemma_2b(), offload_activations=True))
+    assert (base.peak_allocated_gib - offloaded.peak_allocated_gib) * 2**30 == 13 * 8 * 512 * 2048 * 2
+    assert base.after_load_allocated_gib == offloaded.after_load_allocated_gib
