@@ -185,6 +185,26 @@ def _read_folder(path: Path) -> Dataset:
     raise UserError(f"Data folder {path} holds the splits {list(loaded)} but no 'train' split: save the training split as train.")
 
 
+CHAT_QUESTION = 'Who said: "{quote}"?'
+
+
+def quote_conversation(quote: str, author: str) -> dict:
+    """A quote as a chat example: the user asks who said it, the assistant names the author."""
+    return {"messages": [{"role": "user", "content": CHAT_QUESTION.format(quote=quote)}, {"role": "assistant", "content": author}]}
+
+
+def write_quotes_as_chat(data: DatasetDict, path: str | Path) -> Path:
+    """Every quote of `data`'s splits as a chat example, one JSON line each (the `messages`
+    format of `gemma_qlora.formats`); returns the file."""
+    import json
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [quote_conversation(q, a) for split in data.values() for q, a in zip(split["quote"], split["author"])]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 def load_quotes(
     name: str,
     *,

@@ -423,13 +423,8 @@ def load_tokenizer(name: str):
 def audit(cfg: AuditConfig, *, out=None) -> dict[str, Counts]:
     """Print `cfg.show` training examples with their masked tokens apart from their trained ones,
     and each split's counts; return the counts. Writes nothing."""
-    from gemma_qlora.data import load_examples
-
     out = out or sys.stdout
-    data = load_examples(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    use_chat_template(tokenizer, cfg)
-    encoded, counts = encode_splits(data, tokenizer, max_length=cfg.max_seq_length)
+    encoded, counts, tokenizer = encoded_examples(cfg)
     tty = out.isatty() if hasattr(out, "isatty") else False
     print(f"{cfg.data}: {counts['train'].format} format; trained tokens plain, masked tokens "
           f"{'dim' if tty else '[in brackets]'}", file=out)

@@ -646,11 +646,21 @@ def choose_micro_batch(inputs: PlanInputs, gpu_gib: float | GPU) -> tuple[int, i
     )
 
 
+def plan_for(cfg, gpu: str | float | GPU | None = None) -> Plan:
+    """The memory plan of a `TrainConfig` on `gpu` (default: the GPU in use, capped as the run
+    caps it; without one, a T4, the notebooks' GPU)."""
+    import torch
+
+    if gpu is None:
+        gpu = current_gpu(cfg.gpu_memory_gib) if torch.cuda.is_available() else GPUS["t4"]
+    gpu = parse_gpu(gpu)
+    return build_plan(PlanInputs.from_train_config(cfg, shape=load_shape(cfg.model), gpu=gpu), gpu=gpu)
+
+
 def fit_micro_batch(cfg, gpu: GPU):
     """`cfg` (a TrainConfig) with the largest micro-batch predicted to fit `gpu`, the global batch
     (batch_size x grad_accum) kept through accumulation; for `--auto_batch_size`."""
-    inputs = PlanInputs.from_train_config(cfg, shape=load_shape(cfg.model), gpu=gpu)
-    micro, accum = choose_micro_batch(inputs, gpu)
+    micro, accum = choose_micro_batch(plan_for(cfg, gpu).inputs, gpu)
     return replace(cfg, batch_size=micro, grad_accum=accum)
 
 
@@ -658,7 +668,7 @@ def prediction_line(cfg, gpu: GPU) -> str:
     """What the planner predicts for `cfg` on `gpu`, for the out-of-memory advice ('' where the
     model's config cannot be read)."""
     try:
-        p = build_plan(PlanInputs.from_train_config(cfg, shape=load_shape(cfg.model), gpu=gpu), gpu=gpu)
+        p = plan_for(cfg, gpu)
     except (UserError, OSError, ValueError):
         return ""
     return f"The planner predicted {p.need_gib(gpu):.1f} GiB of {gpu.total_gib:g} GiB and a largest micro-batch of {p.largest_micro_batch(gpu)}. "

@@ -19,6 +19,7 @@ under FSDP) and evaluates; only rank 0 generates, prints and writes files.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -111,6 +112,13 @@ class Run:
     def say(self, line: str) -> None:
         if self.main:
             print(line, flush=True)
+
+    def close(self) -> None:
+        """Let the model and trainer go and give their GPU memory back, before another run loads."""
+        self.model = self.trainer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @property
     def fsdp(self) -> bool:

@@ -28,17 +28,13 @@ from collections import Counter
 import datasets
 from pathlib import Path
 
-QUESTION = 'Who said: "{quote}"?'
-
 
 def fortunes_chat() -> list[dict]:
     """Every attributed fortune as a one-question conversation."""
+    from gemma_qlora.data import quote_conversation
     from gemma_qlora.fortunes import load_fortunes
 
-    return [
-        {"messages": [{"role": "user", "content": QUESTION.format(quote=r["quote"])}, {"role": "assistant", "content": r["author"]}]}
-        for r in load_fortunes()
-    ]
+    return [quote_conversation(r["quote"], r["author"]) for r in load_fortunes()]
 
 
 def write_chat(path: Path) -> Path:
