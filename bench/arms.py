@@ -71,6 +71,16 @@ ARMS = {
     ),
     "pkg-4bit-no-dropout-offload": _pkg(4, "gemma_qlora, LoRA dropout 0, activations offloaded", lora_dropout=0.0,
                                         offload_activations=True),
+    "pkg-4bit-no-dropout-offload-liger": _pkg(
+        4, "gemma_qlora, LoRA dropout 0, activations offloaded, Liger kernels", lora_dropout=0.0, offload_activations=True,
+        liger_kernel=True,
+    ),
+    "pkg-4bit-compile-no-dropout-offload-liger": _pkg(
+        4, "gemma_qlora, torch_compile, LoRA dropout 0, activations offloaded, Liger kernels", torch_compile=True,
+        lora_dropout=0.0, offload_activations=True, liger_kernel=True,
+    ),
+    "pkg-8bit-no-dropout-offload": _pkg(8, "gemma_qlora, LoRA dropout 0, activations offloaded", lora_dropout=0.0,
+                                        offload_activations=True),
     "pkg-8bit-no-dropout": _pkg(8, "gemma_qlora, LoRA dropout 0", lora_dropout=0.0),
     "pkg-8bit-compile-no-dropout": _pkg(8, "gemma_qlora, torch_compile, LoRA dropout 0", torch_compile=True, lora_dropout=0.0),
     "pkg-4bit-rows-flex": _pkg(4, "gemma_qlora, rows, flex attention", packing_layout="rows", attn_implementation="flex_attention"),

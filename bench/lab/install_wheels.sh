@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the carried wheels (.whl/, made here by `python bench/lab/make_wheels.py`) on the GPU
 # machine, which has no network, into two target folders:
-#   /tmp/site          transformers 5.24, trl 1.16, datasets 5.2 + bitsandbytes, dill, multiprocess, the quotes:
+#   /tmp/site          transformers 5.24, trl 1.16, datasets 5.2, liger-kernel + bitsandbytes, dill, multiprocess, the quotes:
 #                      the package, the plain and the TRL arms (PYTHONPATH=/tmp/site:$PWD)
 #   /tmp/site-unsloth  unsloth, unsloth_zoo, trl 1.15, datasets 4.8 + the same common wheels, on the
 #                      machine's own transformers 5.17 (bench.py --unsloth-path /tmp/site-unsloth)

