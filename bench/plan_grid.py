@@ -358,11 +358,37 @@ def write_outputs(report: dict, *, out: Path) -> None:
     plot(report, path=out / "plan_grid.png")
 
 
+def repredict(report: dict, *, cache: Path) -> dict:
+    """The stored measurements against the planner as it is now. The planner reads config.json
+    only, so a random shape's folder from the GPU machine is stood in for by its config alone."""
+    import transformers
+
+    def local(folder: str) -> str:
+        if Path(folder, "config.json").is_file():
+            return folder
+        kind = Path(folder).name.removesuffix("-random")
+        config_class, fields = SHAPES[kind]
+        stand_in = cache / f"{kind}-config"
+        getattr(transformers, config_class)(**fields, pad_token_id=0, eos_token_id=1, bos_token_id=2).save_pretrained(stand_in)
+        return str(stand_in)
+
+    records = [dict(report["device"], kind="device")] + report["loads"] + report["points"]
+    for r in records:
+        fp16 = r.get("group", "").endswith("fp16")
+        if r["kind"] == "point" and r["status"] != "skipped":
+            r.update(predict(r, folder=local(r["folder"]), fp16=fp16, cap=T4_CAP_GIB if fp16 else None))
+        elif r["kind"] == "load":
+            r.update(predict_load(r, folder=local(r["folder"]), fp16=fp16))
+    return build_report(records, settings=report["settings"])
+
+
 def main_parent(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.replot:
+    if args.replot or args.repredict:
         report = json.loads((out / "plan_grid.json").read_text())
+        if args.repredict:
+            report = repredict(report, cache=Path(args.cache).expanduser())
         write_outputs(report, out=out)
         print(markdown(report))
         return 0
@@ -426,6 +452,7 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole grid, model building included")
     p.add_argument("--quick", action="store_true", help="three points per model and bit width")
     p.add_argument("--replot", action="store_true", help="only rewrite the table and plot from <out>/plan_grid.json")
+    p.add_argument("--repredict", action="store_true", help="the measurements in <out>/plan_grid.json against the planner as it is now")
     p.add_argument("--cache", default="~/.cache/gemma_qlora_plan_grid", help="where the random-weight models are built once")
     p.add_argument("--model-2b", default=None, help="an existing Gemma-2B-shaped folder (default: build the random shape)")
     p.add_argument("--model-270m", default="embedded", help="embedded (real Gemma 3 270M), a folder, or random")

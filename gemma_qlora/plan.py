@@ -14,14 +14,20 @@ with random weights at 8 x 512 in 4-, 8- and 16-bit, with and without checkpoint
 under a 15 GiB cap; real Gemma 3 270M in 4-, 8- and 16-bit; `bench/results/`):
 
     HEADROOM       allocator cache above the allocated peak, as a share of what training adds
-                   to the weights (0.46-1.3 measured; 0.65 fits every run within 15 % of NVML)
+                   to the weights, by packing layout and bits. TRL's flattened batches (one row
+                   of a new length every step) leave the most: 0.65, fitted to 25-step runs.
+                   Packed as rows, 4-bit's cache grows over the first steps (Gemma-2B shape at
+                   8 x 512: 0.29 GiB after 2 steps, 0.96 GiB after 25): 0.65 again, fitted to
+                   25-step runs; 8- and 16-bit's does not (9.52 and 9.51 GiB of NVML after 2 and
+                   25 steps in 8-bit): 0.15, fitted to the two-step grid of `bench/plan_grid.py`
     INT8_EXTRA     LLM.int8's outlier columns and quantization buffers, as a share of the
                    layer inputs it keeps (0.12 on random weights, 0.32 on real Gemma 3 270M)
     CONTEXT        NVML's used memory above the allocator's reserved memory, after loading and
                    while training: measured on the H200 only; other GPUs are estimates
     LOAD_SLACK     allocator cache left by quantizing while loading
 
-Not modelled: torch.compile, Liger kernels, PEFT's fp32 preparation (`--lean_prepare false`),
+Activation offloading (TRL's) is planned from TRL's code, not fitted: the checkpointed inputs of
+all but its forward stash of layers leave the GPU. Not modelled: torch.compile, Liger kernels, PEFT's fp32 preparation (`--lean_prepare false`),
 several GPUs, generation.
 """
 
@@ -39,7 +45,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 # fitted constants (module docstring)
-HEADROOM = 0.65
+HEADROOM = {"flat": {4: 0.65, 8: 0.65, 16: 0.65}, "rows": {4: 0.65, 8: 0.15, 16: 0.15}}  # by packing layout, bits
 INT8_EXTRA = 0.2
 LOAD_SLACK_GIB = 0.04
 
@@ -563,7 +569,8 @@ def build_plan(inputs: PlanInputs, *, gpu: GPU | None = None) -> Plan:
     layer_phase = layers + recompute8 + transient
     loss_phase = loss + (0 if inputs.gradient_checkpointing else layers)
     peak = held + max(layer_phase, loss_phase)
-    reserved = peak + HEADROOM * (peak - static)
+    flat = inputs.packing and inputs.packing_layout == "flat"
+    reserved = peak + HEADROOM["flat" if flat else "rows"][inputs.bits] * (peak - static)
 
     plan = Plan(inputs, gpu)
     plan.after_load_allocated_gib = sum(weights.values()) * g
