@@ -35,6 +35,7 @@ from gemma_qlora.data import PROMPTS
 from gemma_qlora.plan import current_gpu, fit_micro_batch
 from gemma_qlora.errors import UserError
 from gemma_qlora.evaluate import attributable, author_accuracy, generate
+from gemma_qlora.export import base_fingerprint
 from gemma_qlora.lora import attach_lora, parameter_counts
 from gemma_qlora.memory import GIB, MemoryRecorder
 from gemma_qlora.metrics import StepTimer, environment, memory_metrics, training_metrics
@@ -131,6 +132,8 @@ class Run:
         path = resolve_model(cfg.model)  # a missing model folder is said before the data is read
         with self.recorder.phase("load"):
             check_model_folder(path)  # config, tokenizer and weight files, before anything heavy
+            # what identifies the base (config, sampled weight hashes): export refuses a base that changed since
+            self.metrics["base"] = base_fingerprint(cfg.model)
             check_context_length(cfg, load_config(path, hf_token()))
             # Encoded (token ids, labels masked as the format says) with the model's tokenizer before
             # the model loads or anything is written, so that a bad example costs neither.

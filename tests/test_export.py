@@ -20,7 +20,7 @@ TEXTS = ["Quote: Imagination is more important than knowledge.\nAuthor: Albert E
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, quotes_file):
     """A finished 4-bit run of a tiny Gemma 3 (its own copy of the base, so tests may change it),
-    with its base's fingerprint recorded as training records it."""
+    which records its base's fingerprint."""
     from gemma_qlora.config import TrainConfig
     from gemma_qlora.export import base_fingerprint
     from gemma_qlora.train import train
@@ -31,10 +31,7 @@ def trained_run(tmp_path_factory, quotes_file):
                       logging_steps=1, output_dir=str(root / "runs"), max_new_tokens=4, learning_rate=1e-3, bits=4)
     train(cfg)
     run = root / "runs" / cfg.name
-    metrics = json.loads((run / "metrics.json").read_text())
-    if "base" not in metrics:
-        metrics["base"] = base_fingerprint(str(base))
-        (run / "metrics.json").write_text(json.dumps(metrics))
+    assert json.loads((run / "metrics.json").read_text())["base"] == base_fingerprint(str(base))  # recorded by training
     return run
 
 
