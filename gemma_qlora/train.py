@@ -132,8 +132,6 @@ class Run:
         path = resolve_model(cfg.model)  # a missing model folder is said before the data is read
         with self.recorder.phase("load"):
             check_model_folder(path)  # config, tokenizer and weight files, before anything heavy
-            # what identifies the base (config, sampled weight hashes): export refuses a base that changed since
-            self.metrics["base"] = base_fingerprint(cfg.model)
             check_context_length(cfg, load_config(path, hf_token()))
             # Encoded (token ids, labels masked as the format says) with the model's tokenizer before
             # the model loads or anything is written, so that a bad example costs neither.
@@ -142,6 +140,9 @@ class Run:
             self.run_dir = prepare_run_dir(cfg, main=self.main)
             self.model, self.tokenizer = load_model(cfg, self.precision)
             formats.use_chat_template(self.tokenizer, cfg)
+            # what identifies the base (config, sampled weight hashes; once loaded, a Hub model's weights
+            # are in the cache): export refuses a base that changed since
+            self.metrics["base"] = base_fingerprint(cfg.model)
         if self.format != "quote":
             self.prompts = formats.generation_prompts(self.data["test"], self.tokenizer)
         if self.format == "messages":
