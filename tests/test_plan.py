@@ -393,3 +393,26 @@ def test_offloaded_activations_leave_the_latest_layer_inputs_on_the_gpu():
     offloaded = build_plan(PlanInputs(gemma_2b(), offload_activations=True))
     assert (base.peak_allocated_gib - offloaded.peak_allocated_gib) * 2**30 == 13 * 8 * 512 * 2048 * 2
     assert base.after_load_allocated_gib == offloaded.after_load_allocated_gib
+
+
+def test_a_run_on_a_gpu_with_auto_batch_size_starts_from_the_plan(tmp_path, monkeypatch, capsys):
+    """`Run` on a GPU (its queries stood in for: CI has none) takes the planned micro-batch into
+    its settings before anything loads, and says so."""
+    from types import SimpleNamespace
+
+    import gemma_qlora.train as recipe
+    from gemma_qlora.plan import fit_micro_batch
+    from gemma_qlora.quant import Precision
+
+    small = GPU("small", 6.0, bf16=False)
+    monkeypatch.setattr(recipe, "detect_precision", lambda **_: Precision("cuda", torch.float16, bf16=False, fp16=True))
+    monkeypatch.setattr(recipe, "current_gpu", lambda cap=None: small)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(name="small", major=7, minor=5, total_memory=6 * 2**30))
+    cfg = TrainConfig(model="embedded", batch_size=64, grad_accum=2, max_seq_length=1024, auto_batch_size=True, output_dir=str(tmp_path))
+    run = recipe.Run(cfg)
+    expected = fit_micro_batch(cfg, small)
+    assert (run.cfg.batch_size, run.cfg.grad_accum) == (expected.batch_size, expected.grad_accum) != (64, 2)
+    assert run.metrics["config"]["batch_size"] == expected.batch_size
+    assert f"--auto_batch_size: micro-batch {expected.batch_size} x {expected.grad_accum}" in capsys.readouterr().out
+    assert recipe.Run(replace(cfg, auto_batch_size=False)).cfg.batch_size == 64  # off: as asked
