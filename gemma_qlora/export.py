@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from gemma_qlora.errors import UserError
+from gemma_qlora.model import base_fingerprint
 
 INTO = ("merged", "gguf")
 BASES = ("dequantized", "original")
@@ -45,6 +46,7 @@ GGUF_TYPES = ("f16", "q8_0")
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
 GGUF_ARCHS = {"gemma2": "gemma2", "gemma3_text": "gemma3"}  # the ones transformers' GGUF loader reads back
 EXPORT_RECORD = "export.json"
+REFERENCE_NAMES = {False: "the adapter model", True: "the adapter on the dequantized weights"}  # by `dequantized`
 
 
 @dataclass
@@ -124,56 +126,6 @@ def read_run(run: str | Path):
         raise UserError(f"{run_dir} has no readable metrics.json with the run's settings: it did not finish; train it again.") from None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in settings.items() if k in known}), metrics
-
-
-def _model_folder(model: str) -> Path:
-    """The local folder of a model name: a path, 'embedded', or a hub id already in the cache."""
-    from gemma_qlora.model import looks_like_path, resolve_model
-
-    if model == "embedded" or looks_like_path(model):
-        return Path(resolve_model(model))
-    from huggingface_hub import try_to_load_from_cache
-
-    config = try_to_load_from_cache(model, "config.json")
-    if not isinstance(config, str):
-        raise UserError(f"The base model {model} is not in the Hugging Face cache: download it again "
-                        "(the same id and revision the run trained on).")
-    return Path(config).parent
-
-
-def _sampled_sha256(path: Path, *, sample: int = 1 << 20) -> str:
-    """A safetensors file's header (names, dtypes, shapes, offsets) and three 1 MiB samples of its
-    data, hashed: reading a few MiB tells a different checkpoint from the same one without
-    hashing gigabytes."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        digest.update(f.read(min(header_len, size)))
-        for start in (8 + header_len, (size + 8 + header_len) // 2, size - sample):
-            f.seek(max(0, start))
-            digest.update(f.read(sample))
-    return digest.hexdigest()
-
-
-def base_fingerprint(model_path: str) -> dict:
-    """What identifies a base checkpoint: its config (less the keys a re-save changes) and, per
-    safetensors file, its size and a sampled hash. Recorded at training time in
-    `metrics.json["base"]`; `export` refuses a base that no longer matches."""
-    folder = _model_folder(model_path)
-    if not (folder / "config.json").is_file():
-        raise UserError(f"The base model {model_path} is missing ({folder} has no config.json): restore it, "
-                        "or export on the machine the run trained on.")
-    config = json.loads((folder / "config.json").read_text())
-    for volatile in ("transformers_version", "_name_or_path", "use_cache"):
-        config.pop(volatile, None)
-    weights = {
-        p.name: {"bytes": p.stat().st_size, "sha256_sampled": _sampled_sha256(p)} for p in sorted(folder.glob("*.safetensors"))
-    }
-    return {
-        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-        "weights": weights,
-    }
 
 
 def check_base(train_cfg, metrics: dict) -> str:
@@ -630,7 +582,7 @@ def adapter_reference(train_cfg, run_dir: Path, precision, *, data, prompts: lis
     hardware and libraries has measured them already (export.json): they are taken from there
     rather than measured again."""
     key = {**reference_key(run_dir, precision, data=data, prompts=prompts), "dequantized": dequantized}
-    what = "the adapter on the dequantized weights" if dequantized else "adapter model"
+    what = REFERENCE_NAMES[dequantized]
     try:
         earlier = json.loads((run_dir / EXPORT_RECORD).read_text())
     except (OSError, ValueError):
@@ -752,7 +704,7 @@ def export(cfg: ExportConfig) -> dict:
             entry = {"model": kind, "file": name, "write_seconds": write_seconds}
             entry.update(verify(kind, path, reference=yardstick, context=context))
             checked.append(entry)
-            print(f"  held-out loss {entry['eval_loss']:.4f} ({entry['loss_drift']:+.3%} vs {'the adapter on the dequantized weights' if dense else 'the adapter model'}), "
+            print(f"  held-out loss {entry['eval_loss']:.4f} ({entry['loss_drift']:+.3%} vs {REFERENCE_NAMES[dense is not None]}), "
                   f"greedy identical on {entry['agreement']['identical']}/{entry['agreement']['prompts']} prompts", flush=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -772,7 +724,7 @@ def export(cfg: ExportConfig) -> dict:
     if not passed:
         bad = next(e for e in checked if not e["passed"])
         why = (f"its settings came back different ({'; '.join(bad['config_mismatches'])})" if bad.get("config_mismatches")
-               else f"held-out loss {bad['eval_loss']:.4f} vs {yardstick['eval_loss']:.4f} for the adapter model "
+               else f"held-out loss {bad['eval_loss']:.4f} vs {yardstick['eval_loss']:.4f} for {REFERENCE_NAMES[dense is not None]} "
                     f"({bad['loss_drift']:+.2%}, limit {bad['max_loss_drift']:.2%})")
         raise UserError(f"Export {bad['file']} does not match the trained model: {why}. Kept aside in {final}; "
                         f"figures in {run_dir / EXPORT_RECORD}.")

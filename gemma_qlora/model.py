@@ -6,6 +6,7 @@ The Hugging Face token comes from `HF_TOKEN` or Colab's secrets and is passed st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -265,3 +266,54 @@ def load_model(cfg, precision: Precision) -> tuple[PreTrainedModel, PreTrainedTo
     if precision.device == "cpu" and bits == 4:
         keep_4bit_weights_trainable_on_cpu(model)  # before any evaluation can repack them
     return model, tokenizer
+
+
+# --- what identifies a base checkpoint ---------------------------------------------------------
+
+
+def _model_folder(model: str) -> Path:
+    """The local folder of a model name: a path, 'embedded', or a hub id already in the cache."""
+    if model == "embedded" or looks_like_path(model):
+        return Path(resolve_model(model))
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(model, "config.json")
+    if not isinstance(config, str):
+        raise UserError(f"The base model {model} is not in the Hugging Face cache: download it again "
+                        "(the same id and revision the run trained on).")
+    return Path(config).parent
+
+
+def _sampled_sha256(path: Path, *, sample: int = 1 << 20) -> str:
+    """A safetensors file's header (names, dtypes, shapes, offsets) and three 1 MiB samples of its
+    data, hashed: reading a few MiB tells a different checkpoint from the same one without
+    hashing gigabytes."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        digest.update(f.read(min(header_len, size)))
+        for start in (8 + header_len, (size + 8 + header_len) // 2, size - sample):
+            f.seek(max(0, start))
+            digest.update(f.read(sample))
+    return digest.hexdigest()
+
+
+def base_fingerprint(model_path: str) -> dict:
+    """What identifies a base checkpoint: its config (less the keys a re-save changes) and, per
+    safetensors file, its size and a sampled hash. Recorded at training time in
+    `metrics.json["base"]`; `export` refuses a base that no longer matches."""
+    folder = _model_folder(model_path)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"The base model {model_path} is missing ({folder} has no config.json): restore it, "
+                        "or export on the machine the run trained on.")
+    config = json.loads((folder / "config.json").read_text())
+    for volatile in ("transformers_version", "_name_or_path", "use_cache"):
+        config.pop(volatile, None)
+    weights = {
+        p.name: {"bytes": p.stat().st_size, "sha256_sampled": _sampled_sha256(p)} for p in sorted(folder.glob("*.safetensors"))
+    }
+    return {
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "weights": weights,
+    }

@@ -35,11 +35,10 @@ from gemma_qlora.data import PROMPTS
 from gemma_qlora.plan import current_gpu, fit_micro_batch
 from gemma_qlora.errors import UserError
 from gemma_qlora.evaluate import attributable, author_accuracy, generate
-from gemma_qlora.export import base_fingerprint
 from gemma_qlora.lora import attach_lora, parameter_counts
 from gemma_qlora.memory import GIB, MemoryRecorder
 from gemma_qlora.metrics import StepTimer, environment, memory_metrics, training_metrics
-from gemma_qlora.model import check_model_folder, hf_token, load_config, load_model, resolve_model
+from gemma_qlora.model import base_fingerprint, check_model_folder, hf_token, load_config, load_model, resolve_model
 from gemma_qlora.quant import cap_gpu_memory, detect_precision
 from gemma_qlora.rundir import (
     WRITE_ERRORS,
