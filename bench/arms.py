@@ -7,7 +7,8 @@ Families:
              on a BitsAndBytesConfig model, no explicit k-bit preparation, LoRA dropout 0
     unsloth  Unsloth's fast path: FastLanguageModel, LoRA dropout 0, its offloaded checkpointing
     pkg      gemma_qlora's load_model + attach_lora + make_trainer, at the TrainConfig defaults or
-             with the fields named in the arm's settings (the levers)
+             with the fields named in the arm's settings (the levers, against the older defaults
+             of LoRA dropout 0.05 and nothing offloaded unless they say otherwise)
 
 Every arm trains LoRA r=8 alpha 16 on the seven projections, 8 x 512 tokens a step (but the
 `-old` arms), gradient checkpointing, on the same quotes; trl, unsloth and pkg use fused AdamW.
@@ -42,6 +43,15 @@ def _pkg(bits: int, what: str, **settings) -> Arm:
     return Arm(bits, "pkg", what, settings)
 
 
+# The defaults the older levers were measured against (LoRA dropout 0.05, nothing offloaded): the
+# lever arms keep them, so that an arm trains what its results say it trained.
+BEFORE = {"lora_dropout": 0.05, "offload_activations": False}
+
+
+def _lever(bits: int, what: str, **settings) -> Arm:
+    return _pkg(bits, what, **{**BEFORE, **settings})
+
+
 ARMS = {
     "plain-4bit-old": Arm(4, "plain", "old notebook recipe, batch 1 x accum 4, unpacked (reference)", {"old": True}),
     "plain-8bit-old": Arm(8, "plain", "old notebook recipe, batch 1 x accum 4, unpacked (reference)", {"old": True}),
@@ -57,51 +67,59 @@ ARMS = {
     "pkg-4bit": _pkg(4, "gemma_qlora defaults"),
     "pkg-8bit": _pkg(8, "gemma_qlora defaults"),
     "pkg-16bit": _pkg(16, "gemma_qlora defaults, no quantization"),
+    # a run of COMPILE_FROM_STEPS steps or more compiles by default; the bench's runs are shorter
+    "pkg-4bit-compiled": _pkg(4, "gemma_qlora defaults of a long run (compiled)", torch_compile=True),
     # levers: the package with one or two TrainConfig fields changed
-    "pkg-4bit-rows": _pkg(4, "gemma_qlora, packing_layout rows", packing_layout="rows"),
-    "pkg-4bit-rows-no-dropout": _pkg(4, "gemma_qlora, rows, LoRA dropout 0", packing_layout="rows", lora_dropout=0.0),
-    "pkg-4bit-rows-compile": _pkg(4, "gemma_qlora, rows, torch_compile", packing_layout="rows", torch_compile=True),
-    "pkg-4bit-rows-compile-no-dropout": _pkg(
+    "pkg-4bit-rows": _lever(4, "gemma_qlora, packing_layout rows", packing_layout="rows"),
+    "pkg-4bit-rows-no-dropout": _lever(4, "gemma_qlora, rows, LoRA dropout 0", packing_layout="rows", lora_dropout=0.0),
+    "pkg-4bit-rows-compile": _lever(4, "gemma_qlora, rows, torch_compile", packing_layout="rows", torch_compile=True),
+    "pkg-4bit-rows-compile-no-dropout": _lever(
         4, "gemma_qlora, rows, torch_compile, LoRA dropout 0", packing_layout="rows", torch_compile=True, lora_dropout=0.0
     ),
-    "pkg-4bit-offload": _pkg(4, "gemma_qlora, activations offloaded", offload_activations=True),
-    "pkg-4bit-compile-no-dropout-offload": _pkg(
+    "pkg-4bit-offload": _lever(4, "gemma_qlora, activations offloaded", offload_activations=True),
+    "pkg-4bit-compile-no-dropout-offload": _lever(
         4, "gemma_qlora, torch_compile, LoRA dropout 0, activations offloaded", torch_compile=True, lora_dropout=0.0,
         offload_activations=True,
     ),
-    "pkg-4bit-no-dropout-offload": _pkg(4, "gemma_qlora, LoRA dropout 0, activations offloaded", lora_dropout=0.0,
-                                        offload_activations=True),
-    "pkg-4bit-no-dropout-offload-liger": _pkg(
+    "pkg-4bit-no-dropout-offload": _lever(4, "gemma_qlora, LoRA dropout 0, activations offloaded", lora_dropout=0.0,
+                                          offload_activations=True),
+    "pkg-4bit-no-dropout-offload-liger": _lever(
         4, "gemma_qlora, LoRA dropout 0, activations offloaded, Liger kernels", lora_dropout=0.0, offload_activations=True,
         liger_kernel=True,
     ),
-    "pkg-4bit-compile-no-dropout-offload-liger": _pkg(
+    "pkg-4bit-compile-no-dropout-offload-liger": _lever(
         4, "gemma_qlora, torch_compile, LoRA dropout 0, activations offloaded, Liger kernels", torch_compile=True,
         lora_dropout=0.0, offload_activations=True, liger_kernel=True,
     ),
-    "pkg-8bit-no-dropout-offload": _pkg(8, "gemma_qlora, LoRA dropout 0, activations offloaded", lora_dropout=0.0,
-                                        offload_activations=True),
-    "pkg-8bit-no-dropout": _pkg(8, "gemma_qlora, LoRA dropout 0", lora_dropout=0.0),
-    "pkg-8bit-compile-no-dropout": _pkg(8, "gemma_qlora, torch_compile, LoRA dropout 0", torch_compile=True, lora_dropout=0.0),
-    "pkg-4bit-rows-flex": _pkg(4, "gemma_qlora, rows, flex attention", packing_layout="rows", attn_implementation="flex_attention"),
-    "pkg-4bit-flat": _pkg(4, "gemma_qlora, packing_layout flat", packing_layout="flat"),
-    "pkg-8bit-rows": _pkg(8, "gemma_qlora, packing_layout rows", packing_layout="rows"),
-    "pkg-8bit-flat": _pkg(8, "gemma_qlora, packing_layout flat", packing_layout="flat"),
-    "pkg-8bit-compile": _pkg(8, "gemma_qlora, torch_compile", torch_compile=True),
-    "pkg-4bit-peft-prepare": _pkg(4, "gemma_qlora, PEFT's k-bit preparation (fp32 copy)", lean_prepare=False),
-    "pkg-4bit-no-checkpointing": _pkg(4, "gemma_qlora, no gradient checkpointing", gradient_checkpointing=False),
-    "pkg-4bit-unpacked": _pkg(4, "gemma_qlora, padded batches of 8 quotes", packing=False),
-    "pkg-4bit-no-dropout": _pkg(4, "gemma_qlora, LoRA dropout 0", lora_dropout=0.0),
-    "pkg-4bit-liger": _pkg(4, "gemma_qlora, Liger kernels", liger_kernel=True),
-    "pkg-4bit-compile": _pkg(4, "gemma_qlora, torch_compile", torch_compile=True),
-    "pkg-4bit-16x512": _pkg(4, "gemma_qlora, micro-batch 16 x 512", batch_size=16),
-    "pkg-4bit-paged-adamw": _pkg(4, "gemma_qlora, bitsandbytes' paged 8-bit AdamW", optim="paged_adamw_8bit"),
+    "pkg-4bit-compile-offload": _lever(4, "gemma_qlora, torch_compile, activations offloaded", torch_compile=True,
+                                       offload_activations=True),
+    "pkg-8bit-compile-no-dropout-offload": _lever(
+        8, "gemma_qlora, torch_compile, LoRA dropout 0, activations offloaded", torch_compile=True, lora_dropout=0.0,
+        offload_activations=True,
+    ),
+    "pkg-8bit-no-dropout-offload": _lever(8, "gemma_qlora, LoRA dropout 0, activations offloaded", lora_dropout=0.0,
+                                          offload_activations=True),
+    "pkg-8bit-no-dropout": _lever(8, "gemma_qlora, LoRA dropout 0", lora_dropout=0.0),
+    "pkg-8bit-compile-no-dropout": _lever(8, "gemma_qlora, torch_compile, LoRA dropout 0", torch_compile=True, lora_dropout=0.0),
+    "pkg-4bit-rows-flex": _lever(4, "gemma_qlora, rows, flex attention", packing_layout="rows", attn_implementation="flex_attention"),
+    "pkg-4bit-flat": _lever(4, "gemma_qlora, packing_layout flat", packing_layout="flat"),
+    "pkg-8bit-rows": _lever(8, "gemma_qlora, packing_layout rows", packing_layout="rows"),
+    "pkg-8bit-flat": _lever(8, "gemma_qlora, packing_layout flat", packing_layout="flat"),
+    "pkg-8bit-compile": _lever(8, "gemma_qlora, torch_compile", torch_compile=True),
+    "pkg-4bit-peft-prepare": _lever(4, "gemma_qlora, PEFT's k-bit preparation (fp32 copy)", lean_prepare=False),
+    "pkg-4bit-no-checkpointing": _lever(4, "gemma_qlora, no gradient checkpointing", gradient_checkpointing=False),
+    "pkg-4bit-unpacked": _lever(4, "gemma_qlora, padded batches of 8 quotes", packing=False),
+    "pkg-4bit-no-dropout": _lever(4, "gemma_qlora, LoRA dropout 0", lora_dropout=0.0),
+    "pkg-4bit-liger": _lever(4, "gemma_qlora, Liger kernels", liger_kernel=True),
+    "pkg-4bit-compile": _lever(4, "gemma_qlora, torch_compile", torch_compile=True),
+    "pkg-4bit-16x512": _lever(4, "gemma_qlora, micro-batch 16 x 512", batch_size=16),
+    "pkg-4bit-paged-adamw": _lever(4, "gemma_qlora, bitsandbytes' paged 8-bit AdamW", optim="paged_adamw_8bit"),
 }
 # in the order they run: the bars and the package's 4-bit path first, so that a run cut short by
 # its time limit keeps the comparison that matters most
 DEFAULT_ARMS = [
-    "unsloth-4bit", "trl-4bit-wrapped", "pkg-4bit", "pkg-4bit-flat", "pkg-4bit-rows-no-dropout", "pkg-4bit-rows-compile",
-    "trl-4bit-bfd", "unsloth-4bit-bfd", "plain-4bit", "trl-8bit-wrapped", "pkg-8bit", "pkg-8bit-flat",
+    "unsloth-4bit", "trl-4bit-wrapped", "pkg-4bit", "pkg-4bit-compiled", "pkg-4bit-flat", "trl-4bit-bfd", "unsloth-4bit-bfd",
+    "plain-4bit", "trl-8bit-wrapped", "pkg-8bit", "pkg-8bit-flat",
 ]
 
 # Ratios set each arm against the bar of its bits (the first of these that ran) and against the

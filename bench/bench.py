@@ -19,7 +19,7 @@ Usage:
     python bench/bench.py --shape 270m --arms pkg-4bit,pkg-8bit
     python bench/bench.py --shape /models/gemma-2b         # a real checkpoint folder
     python bench/bench.py --fp16 --gpu-memory-gib 15       # T4 emulation on a bigger GPU
-    python bench/bench.py --cpus 0,1 --arms pkg-4bit,pkg-4bit-rows-compile  # a 2-core host, as on Colab
+    python bench/bench.py --cpus 0,1 --arms pkg-4bit,pkg-4bit-compiled  # a 2-core host, as on Colab
     python bench/bench.py --unsloth-path /tmp/site-unsloth # Unsloth arms on their own libraries
     python bench/bench.py --shape tiny --steps 3 --warmup 1  # CPU smoke test
     python bench/bench.py --arms pkg-4bit --profile 3      # where the time goes

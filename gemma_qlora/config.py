@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # No Gemma reads more than 131,072 positions; the loaded model's own limit is checked when it loads.
 MAX_SEQ_LENGTH = 2**20
+# Compiling the decoder layers' parts (torch_compile unset) costs 10-14 s before the first step with
+# a cold cache and saves 0.05-0.07 s a step on Gemma 2B's shape in 4-bit on an H200, with two host
+# cores as on Colab or with sixteen: it pays back after 160-270 steps there, sooner on slower GPUs.
+# In 8-bit it made steps slower. (docs/measurements.md, "The default path")
+COMPILE_FROM_STEPS = 250
 
 
 @dataclass
@@ -68,7 +73,9 @@ class TrainConfig:
     # LoRA
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1); 0 skips a copy of each input (faster, less memory)."}
+    )
     lora_targets: list[str] = field(
         default_factory=lambda: list(LORA_TARGETS), metadata={"help": "Modules that get LoRA (comma list or repeated)."}
     )
@@ -103,15 +110,17 @@ class TrainConfig:
         default=False,
         metadata={"help": "Liger's fused Triton kernels for RMSNorm, GeGLU and RoPE (through TRL); needs liger-kernel and a GPU."},
     )
-    torch_compile: bool = field(
-        default=False,
+    torch_compile: bool | None = field(
+        default=None,
         metadata={"help": "torch.compile the norms, attention and MLP of each decoder layer: faster steps after "
-                  "tens of seconds of compiling, so for runs of hundreds of steps (README, Decisions)."},
+                  f"tens of seconds of compiling. Unset: on for 4-bit GPU runs of {COMPILE_FROM_STEPS} steps or more, "
+                  "where it pays back (README, Decisions); true or false to choose."},
     )
     offload_activations: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Keep the activations saved for the backward (with gradient checkpointing: each layer's input) "
-                  "in CPU memory, copied on a side stream (TRL's activation offloading): less GPU memory. GPU only."},
+                  "in CPU memory, copied on a side stream (TRL's activation offloading): less GPU memory at no "
+                  "measured speed cost. GPU only."},
     )
     auto_batch_size: bool = field(
         default=False, metadata={"help": "Start from the largest micro-batch the memory plan predicts to fit the GPU (the global batch kept through --grad_accum), and halve it on out-of-memory (accelerate's finder)."}
@@ -218,6 +227,13 @@ class TrainConfig:
     @property
     def name(self) -> str:
         return self.run_name or f"{self.bits}bit"
+
+    def compiles(self, device: str) -> bool:
+        """Whether training compiles the layers on `device`: as `torch_compile` says, else only
+        where the measurements found it pays back (4-bit, GPU, COMPILE_FROM_STEPS steps or more)."""
+        if self.torch_compile is not None:
+            return self.torch_compile
+        return device == "cuda" and self.bits == 4 and self.steps >= COMPILE_FROM_STEPS
 
 
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}

@@ -237,10 +237,10 @@ class PlanInputs:
     max_seq_length: int = 512
     grad_accum: int = 1
     lora_r: int = 8
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
     gradient_checkpointing: bool = True
-    offload_activations: bool = False  # TRL's activation offloading: saved tensors in CPU memory
+    offload_activations: bool = True  # TRL's activation offloading: saved tensors in CPU memory (GPU only)
     packing: bool = True
     # "rows" (the package's default): one row per packed sequence (gemma_qlora.packing); "flat":
     # TRL's padding-free batch, the whole micro-batch in one row. Attention and its masks differ.
@@ -554,7 +554,7 @@ def build_plan(inputs: PlanInputs, *, gpu: GPU | None = None) -> Plan:
     workspace = int(2 * inputs.workspace_mib * 2**20) if inputs.device == "cuda" else 0
     shared = shared_bytes(inputs)
     # each checkpointed layer keeps its input; offloaded, only the latest few stay on the GPU
-    resident = min(s.num_layers, OFFLOAD_STASH) if inputs.offload_activations else s.num_layers
+    resident = min(s.num_layers, OFFLOAD_STASH) if inputs.offload_activations and inputs.device == "cuda" else s.num_layers
     checkpoints = resident * inputs.tokens * s.hidden_size * a if inputs.gradient_checkpointing else 0
     kept8 = int8_kept_bytes(inputs)
     kept8_extra = int(INT8_EXTRA * kept8)
@@ -766,10 +766,10 @@ class PlanConfig:
     max_seq_length: int = field(default=512, metadata={"help": "Tokens per packed sequence."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (no memory of its own)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (0 keeps no dropout copies)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0 keeps no dropout copies)."})
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"help": "Adapted projections."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward pass."})
-    offload_activations: bool = field(default=False, metadata={"help": "Checkpointed layer inputs kept in CPU memory, as train's flag."})
+    offload_activations: bool = field(default=True, metadata={"help": "Checkpointed layer inputs kept in CPU memory, as train's flag."})
     packing: bool = field(default=True, metadata={"help": "Pack short examples into sequences, as train does."})
     packing_layout: str = field(default="rows", metadata={"help": "rows: a row per packed sequence (train's default); flat: a micro-batch in one row."})
     quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})

@@ -181,6 +181,9 @@ class Run:
                 precision=self.precision, output_dir=self.run_dir / "checkpoints", callbacks=[self.timer],
             )
         self.metrics["parameters"] = parameter_counts(self.model)
+        if self.cfg.torch_compile is None and self.cfg.compiles(self.precision.device):
+            self.say(f"Compiling each decoder layer's parts (a 4-bit GPU run of {self.cfg.steps} steps, where it pays back; "
+                     "--torch_compile false skips it): the first step waits for it.")
         self.say("trainable parameters: {trainable:,} of {total:,} ({trainable_percent}%)".format(**self.metrics["parameters"]))
 
     def evaluate_before(self) -> None:

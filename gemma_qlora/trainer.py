@@ -18,7 +18,7 @@ from gemma_qlora.quant import Precision
 
 def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> SFTConfig:
     """Map our settings onto TRL's."""
-    flat = cfg.packing and cfg.packing_layout == "flat"
+    flat, compiled = cfg.packing and cfg.packing_layout == "flat", cfg.compiles(precision.device)
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=cfg.steps,
@@ -49,7 +49,7 @@ def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> S
         activation_offloading=cfg.offload_activations and precision.device == "cuda",  # nothing to save on a CPU
         # Compiled code wants one shape: pad every flattened batch to its full size, or each new
         # length recompiles with dynamic shapes (the rows layout pads in its collator).
-        pad_to_multiple_of=cfg.batch_size * cfg.max_seq_length if cfg.torch_compile and flat else None,
+        pad_to_multiple_of=cfg.batch_size * cfg.max_seq_length if compiled and flat else None,
         include_num_input_tokens_seen="non_padding",
         report_to=cfg.report_to,
         use_cpu=precision.device == "cpu",
@@ -77,7 +77,8 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
     masked per format, which TRL packs as they are. Checkpoints go to `output_dir`, which the
     Trainer creates when it first saves one."""
     train_text, eval_text = (trainable(data[s], tokenizer, max_length=cfg.max_seq_length) for s in ("train", "test"))
-    if cfg.torch_compile:
+    compiled = cfg.compiles(precision.device)
+    if compiled:
         compile_layer_parts(model)
     trainer = SFTTrainer(
         model=model,
@@ -92,7 +93,7 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
         # gemma_qlora.packing). TRL refuses a custom collator while it packs, so it is set here;
         # the Trainer reads it when it builds each dataloader.
         trainer.data_collator = make_collator(
-            tokenizer, max_length=cfg.max_seq_length, fixed_shape=cfg.torch_compile, batch_size=cfg.batch_size,
+            tokenizer, max_length=cfg.max_seq_length, fixed_shape=compiled, batch_size=cfg.batch_size,
             attn_implementation=model.config._attn_implementation,
         )
     if precision.compute_dtype != torch.bfloat16:
@@ -116,6 +117,7 @@ def out_of_memory(cfg: TrainConfig, run_dir: Path, *, gpu=None) -> UserError:
     return UserError(
         f"Out of GPU memory in run {cfg.name} (bits={cfg.bits}, micro-batch {cfg.batch_size} x {cfg.max_seq_length} tokens, "
         f"LoRA r={cfg.lora_r}). {predicted}Try --batch_size {max(1, cfg.batch_size // 2)} (with --grad_accum {cfg.grad_accum * 2} to keep "
-        f"the batch), a shorter --max_seq_length, {'--bits 4, ' if cfg.bits != 4 else ''}--offload_activations true, or "
+        f"the batch), a shorter --max_seq_length, {'--bits 4, ' if cfg.bits != 4 else ''}"
+        f"{'' if cfg.offload_activations else '--offload_activations true, '}or "
         f"--auto_batch_size true to pick the micro-batch from the memory plan. Files written so far stay in {run_dir}."
     )

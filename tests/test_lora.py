@@ -19,7 +19,7 @@ def test_lora_on_exactly_the_seven_projections(tiny_model):
     peft_model = attach_lora(model, TrainConfig())
     assert lora_modules(peft_model) == set(LORA_TARGETS)
     config = peft_model.peft_config["default"]
-    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.05)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.0)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert peft_model.base_model.model.is_gradient_checkpointing

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataclasses import replace
+
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.errors import UserError
 from gemma_qlora.memory import MemoryRecorder
@@ -247,6 +249,19 @@ def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fa
     assert graphs > 0
     assert len(generate(trainer.model, tokenizer, ["Quote: A", "Quote: Be"], max_new_tokens=3)) == 2
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_unset_torch_compile_compiles_only_where_it_pays_back():
+    """Left unset, compiling is for 4-bit GPU runs long enough to win its cost back; set, it is obeyed."""
+    from gemma_qlora.config import COMPILE_FROM_STEPS
+
+    long, short = TrainConfig(steps=COMPILE_FROM_STEPS), TrainConfig(steps=COMPILE_FROM_STEPS - 1)
+    assert TrainConfig().torch_compile is None
+    assert long.compiles("cuda") and not short.compiles("cuda")
+    assert not long.compiles("cpu") and not replace(long, bits=8).compiles("cuda") and not replace(long, bits=16).compiles("cuda")
+    assert replace(short, torch_compile=True).compiles("cpu") and not replace(long, torch_compile=False).compiles("cuda")
+    with pytest.raises(UserError, match="--torch_compile must be true or false or unset"):
+        TrainConfig(torch_compile="yes")  # a notebook's typo is caught, not read as true
 
 
 def test_fsdp_on_two_cpu_processes_saves_a_whole_adapter(tiny_model, quotes_file, tmp_path):
