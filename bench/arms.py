@@ -69,6 +69,10 @@ ARMS = {
     "pkg-16bit": _pkg(16, "gemma_qlora defaults, no quantization"),
     # a run of COMPILE_FROM_STEPS steps or more compiles by default; the bench's runs are shorter
     "pkg-4bit-compiled": _pkg(4, "gemma_qlora defaults of a long run (compiled)", torch_compile=True),
+    "pkg-4bit-compiled-budget50": _pkg(4, "gemma_qlora long-run defaults, compiled with activation memory budget 0.5",
+                                       torch_compile=True, activation_memory_budget=0.5),
+    "pkg-4bit-compiled-budget10": _pkg(4, "gemma_qlora long-run defaults, compiled with activation memory budget 0.1",
+                                       torch_compile=True, activation_memory_budget=0.1),
     # levers: the package with one or two TrainConfig fields changed
     "pkg-4bit-rows": _lever(4, "gemma_qlora, packing_layout rows", packing_layout="rows"),
     "pkg-4bit-rows-no-dropout": _lever(4, "gemma_qlora, rows, LoRA dropout 0", packing_layout="rows", lora_dropout=0.0),
@@ -274,10 +278,17 @@ def build_pkg(arm: str, s, records: list[dict], recorder, timer):
     from gemma_qlora.trainer import make_trainer
 
     max_steps = s.warmup + s.steps + s.profile
+    settings = dict(ARMS[arm].settings)
+    budget = settings.pop("activation_memory_budget", None)
+    if budget is not None:
+        # AOTAutograd's partitioner: below 1, compiled graphs save less for the backward and recompute more
+        import torch._functorch.config
+
+        torch._functorch.config.activation_memory_budget = budget
     cfg = TrainConfig(
         model=s.model_dir, bits=ARMS[arm].bits, steps=max_steps, logging_steps=1, eval_steps=max_steps + 1, seed=s.seed,
         force_fp16=s.fp16, gpu_memory_gib=s.gpu_memory_gib, output_dir=str(Path(s.out) / "arms"), run_name=arm,
-        **ARMS[arm].settings,
+        **settings,
     )
     precision = detect_precision(force_fp16=cfg.force_fp16)
     with recorder.phase("load"):
