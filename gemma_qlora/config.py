@@ -113,7 +113,7 @@ class TrainConfig:
     torch_compile: bool | None = field(
         default=None,
         metadata={"help": "torch.compile the norms, attention and MLP of each decoder layer: faster steps after "
-                  f"tens of seconds of compiling. Unset: on for 4-bit GPU runs of {COMPILE_FROM_STEPS} steps or more, "
+                  f"tens of seconds of compiling. Unset: on for 4-bit runs on one GPU of {COMPILE_FROM_STEPS} steps or more, "
                   "where it pays back (README, Decisions); true or false to choose."},
     )
     offload_activations: bool = field(
@@ -228,12 +228,13 @@ class TrainConfig:
     def name(self) -> str:
         return self.run_name or f"{self.bits}bit"
 
-    def compiles(self, device: str) -> bool:
+    def compiles(self, device: str, *, processes: int = 1) -> bool:
         """Whether training compiles the layers on `device`: as `torch_compile` says, else only
-        where the measurements found it pays back (4-bit, GPU, COMPILE_FROM_STEPS steps or more)."""
+        where the measurements found it pays back (4-bit, one GPU, COMPILE_FROM_STEPS steps or
+        more; compiled under DDP or FSDP has not been measured)."""
         if self.torch_compile is not None:
             return self.torch_compile
-        return device == "cuda" and self.bits == 4 and self.steps >= COMPILE_FROM_STEPS
+        return device == "cuda" and processes == 1 and self.bits == 4 and self.steps >= COMPILE_FROM_STEPS
 
 
 _TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}

@@ -260,6 +260,7 @@ def test_unset_torch_compile_compiles_only_where_it_pays_back():
     assert long.compiles("cuda") and not short.compiles("cuda")
     assert not long.compiles("cpu") and not replace(long, bits=8).compiles("cuda") and not replace(long, bits=16).compiles("cuda")
     assert replace(short, torch_compile=True).compiles("cpu") and not replace(long, torch_compile=False).compiles("cuda")
+    assert not long.compiles("cuda", processes=2) and replace(long, torch_compile=True).compiles("cuda", processes=2)
     with pytest.raises(UserError, match="--torch_compile must be true or false or unset"):
         TrainConfig(torch_compile="yes")  # a notebook's typo is caught, not read as true
 
