@@ -228,12 +228,17 @@ class TrainConfig:
     def name(self) -> str:
         return self.run_name or f"{self.bits}bit"
 
-    def compiles(self, device: str, *, processes: int = 1) -> bool:
+    def compiles(self, device: str, *, processes: int | None = None) -> bool:
         """Whether training compiles the layers on `device`: as `torch_compile` says, else only
         where the measurements found it pays back (4-bit, one GPU, COMPILE_FROM_STEPS steps or
-        more; compiled under DDP or FSDP has not been measured)."""
+        more; compiled under DDP or FSDP has not been measured). `processes` defaults to this
+        run's WORLD_SIZE, which accelerate launch and torchrun set."""
         if self.torch_compile is not None:
             return self.torch_compile
+        if processes is None:
+            import os
+
+            processes = int(os.environ.get("WORLD_SIZE", "1"))
         return device == "cuda" and processes == 1 and self.bits == 4 and self.steps >= COMPILE_FROM_STEPS
 
 

@@ -53,7 +53,7 @@ from gemma_qlora.rundir import (
     unlock,
     write_json,
 )
-from gemma_qlora.trainer import compiles, make_trainer, out_of_memory
+from gemma_qlora.trainer import make_trainer, out_of_memory
 
 # bitsandbytes logs a line for every int8 matmul whose inputs are not fp16 (bf16 GPUs, CPU).
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda record: "will be cast" not in record.getMessage())
@@ -181,7 +181,7 @@ class Run:
                 precision=self.precision, output_dir=self.run_dir / "checkpoints", callbacks=[self.timer],
             )
         self.metrics["parameters"] = parameter_counts(self.model)
-        if self.cfg.torch_compile is None and compiles(self.cfg, self.precision):
+        if self.cfg.torch_compile is None and self.cfg.compiles(self.precision.device):
             self.say(f"Compiling each decoder layer's parts (a 4-bit GPU run of {self.cfg.steps} steps, where it pays back; "
                      "--torch_compile false skips it): the first step waits for it.")
         self.say("trainable parameters: {trainable:,} of {total:,} ({trainable_percent}%)".format(**self.metrics["parameters"]))

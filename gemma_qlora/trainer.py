@@ -3,7 +3,6 @@ model was loaded."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from gemma_qlora.quant import Precision
 
 def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> SFTConfig:
     """Map our settings onto TRL's."""
-    flat, compiled = cfg.packing and cfg.packing_layout == "flat", compiles(cfg, precision)
+    flat, compiled = cfg.packing and cfg.packing_layout == "flat", cfg.compiles(precision.device)
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=cfg.steps,
@@ -57,11 +56,6 @@ def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> S
     )
 
 
-def compiles(cfg: TrainConfig, precision: Precision) -> bool:
-    """`cfg.compiles` for this process: WORLD_SIZE is set by accelerate launch and torchrun."""
-    return cfg.compiles(precision.device, processes=int(os.environ.get("WORLD_SIZE", "1")))
-
-
 def compile_layer_parts(model) -> None:
     """torch.compile the parts of every decoder layer (norms, attention, MLP), in place.
 
@@ -83,7 +77,7 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
     masked per format, which TRL packs as they are. Checkpoints go to `output_dir`, which the
     Trainer creates when it first saves one."""
     train_text, eval_text = (trainable(data[s], tokenizer, max_length=cfg.max_seq_length) for s in ("train", "test"))
-    compiled = compiles(cfg, precision)
+    compiled = cfg.compiles(precision.device)
     if compiled:
         compile_layer_parts(model)
     trainer = SFTTrainer(

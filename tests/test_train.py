@@ -4,13 +4,12 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
-
-from dataclasses import replace
 
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.errors import UserError
