@@ -47,6 +47,11 @@ class GenerateConfig:
             raise UserError("Give either --run (a run folder) or --model (a checkpoint folder, .gguf file or hub id), not both or neither.")
         if self.max_new_tokens <= 0:
             raise UserError(f"--max_new_tokens must be a positive number, not {self.max_new_tokens}.")
+        if self.sample and not self.temperature > 0:
+            raise UserError(f"--temperature must be above 0 with --sample true, not {self.temperature}: "
+                            "for the likeliest tokens leave out --sample (greedy decoding).")
+        if self.sample and not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], not {self.top_p}.")
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -69,20 +74,34 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
             prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError("No prompt: give --prompt \"...\" or --prompts_file FILE.")
+    empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
+    if empty:
+        raise UserError(f"Prompt {empty[0]} is empty: give each prompt some text to continue.")
     return prompts
+
+
+def check_length(cfg: GenerateConfig, config) -> None:
+    """Refuse more new tokens than the model has positions for (its rotary positions would be
+    extrapolated, and memory for the cache is reserved up front)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit and cfg.max_new_tokens >= limit:
+        raise UserError(f"--max_new_tokens {cfg.max_new_tokens:,} is beyond the {limit:,} positions this model handles: "
+                        f"give at most {limit - 1:,}, less the prompt's length.")
 
 
 def load(cfg: GenerateConfig, precision=None):
     """(model, tokenizer, trained on plain text?) for `--run` or `--model`."""
+    from gemma_qlora import formats
     from gemma_qlora.config import TrainConfig
-    from gemma_qlora.export import load_adapter_model, load_exported, read_run
-    from gemma_qlora.model import load_model
+    from gemma_qlora.export import check_base, load_adapter_model, load_exported, read_run
+    from gemma_qlora.model import hf_token, load_config, load_model, resolve_model
     from gemma_qlora.quant import detect_precision
 
     if cfg.run:
-        from gemma_qlora import formats
-
         train_cfg, metrics = read_run(cfg.run)
+        check_base(train_cfg, metrics)  # the adapter means nothing on a base that changed since training
+        check_length(cfg, load_config(resolve_model(train_cfg.model), hf_token()))
         precision = precision or detect_precision(force_fp16=train_cfg.force_fp16)
         model, tokenizer = load_adapter_model(train_cfg, Path(cfg.run).expanduser(), precision)
         # a chat run answers inside the chat template it trained with, and ends its turn
@@ -96,7 +115,9 @@ def load(cfg: GenerateConfig, precision=None):
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist.")
         model, tokenizer = load_exported(path.parent, precision, gguf_file=path.name)
+        check_length(cfg, model.config)
         return model, tokenizer, False
+    check_length(cfg, load_config(resolve_model(cfg.model), hf_token()))
     model, tokenizer = load_model(TrainConfig(model=cfg.model, bits=16), precision)
     return model.eval(), tokenizer, False
 

@@ -27,6 +27,15 @@ commands:
 `python -m gemma_qlora COMMAND --help` lists the flags."""
 
 
+# What Ctrl-C leaves, where the step it stopped has not said so itself (training and compare do).
+KEPT_AFTER_CTRL_C = {
+    "train": "stopped before training ended: the run folder holds no finished run (metrics.json is written last); "
+             "run the command again.",
+    "export": "stopped: nothing was written under the output folder (the unfinished export was removed).",
+    "report": "stopped: comparison.md and the plots may be missing or from an earlier report; run report again.",
+}
+
+
 def parse(dataclass_type, argv: list[str], command: str = "train"):
     """Flags into the settings dataclass; a bad or unknown flag is one line (argparse would print
     its whole usage first)."""
@@ -89,6 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:  # Ctrl-C: what was kept, in one line, not a traceback
-        print(f"interrupted: {error or 'stopped before anything more was written.'}", file=sys.stderr)
+        print(f"interrupted: {str(error) or KEPT_AFTER_CTRL_C.get(command, 'stopped; nothing was written.')}", file=sys.stderr)
         return 130
     return 0

@@ -19,10 +19,12 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.errors import UserError
+from gemma_qlora.plots import FIGURES, save_all
 
 # arm name -> the settings that differ from the shared ones
 ARMS = {
@@ -62,6 +64,10 @@ class CompareConfig(TrainConfig):
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise UserError(f"Unknown arm(s) {unknown}: choose from {list(ARMS)}.")
+        for what, values, hint in (("arm", self.arms, "give --seeds 1 2 3 to repeat an arm"), ("seed", self.seeds, "give each seed once")):
+            twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if twice:
+                raise UserError(f"--{what}s names {', '.join(map(str, twice))} more than once: {hint}.")
         super().__post_init__()
 
 
@@ -155,7 +161,14 @@ def compare(cfg: CompareConfig) -> dict:
         if not (cfg.reuse and metrics_file.is_file()):
             metrics_file.unlink(missing_ok=True)  # never mistake an earlier run's figures for this one's
             flags = arm_flags(cfg, arm, seed, name) + ["--output_dir", str(out)]
-            done = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", *flags])
+            try:
+                done = subprocess.run([sys.executable, "-m", "gemma_qlora", "train", *flags])
+            except KeyboardInterrupt:
+                finished = [n for n in (run_name(a, s, cfg.seeds) for a, s in jobs[: i - 1])]
+                raise KeyboardInterrupt(
+                    f"compare stopped in arm {name}; {'the finished arms ' + ', '.join(finished) + ' are' if finished else 'no arm is'} "
+                    f"kept in {out}: run the same command with --reuse true to keep them and train the rest."
+                ) from None
             if done.returncode != 0:
                 raise UserError(f"Arm {name} failed (exit {done.returncode}); the runs before it are kept in {out}.")
 
@@ -178,14 +191,22 @@ def report(cfg: ReportConfig, names: list[str] | None = None, wall_seconds: floa
     comparison.md and the plots. `compare` ends with this (passing how long its arms took);
     on its own it summarises runs made elsewhere or cut short.
     """
-    out = Path(cfg.folder)
+    out = Path(cfg.folder).expanduser()
+    if out.is_file():
+        raise UserError(f"--folder {out} is a file, not a folder: give the results folder that holds the run folders.")
+    if not out.is_dir():
+        raise UserError(f"Results folder {out} does not exist: give the folder `compare` wrote (--output_dir).")
     runs: dict[str, list[dict]] = {}
     paths = [out / n / "metrics.json" for n in names] if names else sorted(out.glob("*/metrics.json"))
     for path in paths:
+        metrics, problem = read_metrics(path)
+        if problem:  # one bad folder does not hide the others
+            print(f"skipped {path.parent}: {problem}", file=sys.stderr)
+            continue
         arm = re.sub(r"-seed\d+$", "", path.parent.name)
-        runs.setdefault(arm, []).append(json.loads(path.read_text()))
+        runs.setdefault(arm, []).append(metrics)
     if not runs:
-        raise UserError(f"No run folders with metrics.json under {out}: run `python -m gemma_qlora compare` first.")
+        raise UserError(f"No run folders with a readable metrics.json under {out}: run `python -m gemma_qlora compare` first.")
     order = {arm: i for i, arm in enumerate(ARMS)}
     runs = dict(sorted(runs.items(), key=lambda item: order.get(item[0], len(order))))
     first = next(iter(runs.values()))[0]
@@ -206,11 +227,29 @@ def report(cfg: ReportConfig, names: list[str] | None = None, wall_seconds: floa
     (out / "comparison.json").write_text(json.dumps(result, indent=2))
     (out / "comparison.md").write_text(markdown_table(summary, where, first["memory"]["label"]))
 
-    from gemma_qlora.plots import save_all
-
     save_all([arm_runs[0] for arm_runs in runs.values()], out)
     print("\n" + (out / "comparison.md").read_text())
     return result
+
+
+def read_metrics(path: Path) -> tuple[dict | None, str | None]:
+    """A run's metrics.json, or why it cannot be summarised (unreadable, not JSON, a figure the
+    table needs missing)."""
+    try:
+        metrics = json.loads(path.read_text())
+    except OSError as error:
+        return None, f"metrics.json cannot be read ({error.strerror})"
+    except ValueError:
+        return None, "metrics.json is not valid JSON (damaged or cut short)"
+    try:  # what the table and the plots read, tried on this run alone
+        summarise([metrics])
+        markdown_table({"run": summarise([metrics])}, metrics["config"]["model"], metrics["memory"]["label"])
+        for make in FIGURES.values():
+            plt.close(make([metrics]))
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as error:
+        what = f"the figure {error}" if isinstance(error, KeyError) else f"a figure in the right form ({type(error).__name__})"
+        return None, f"metrics.json lacks {what}: it was not written by this version of train, or was edited"
+    return metrics, None
 
 
 def measure_quant_error(model: str) -> dict[str, float]:

@@ -164,7 +164,9 @@ class TrainConfig:
         from gemma_qlora.errors import UserError
 
         if isinstance(self.lora_targets, str):
-            self.lora_targets = [t for t in self.lora_targets.split(",") if t]
+            self.lora_targets = [self.lora_targets]
+        if isinstance(self.lora_targets, list) and all(isinstance(t, str) for t in self.lora_targets):
+            self.lora_targets = [t.strip() for item in self.lora_targets for t in item.split(",") if t.strip()]  # a comma list, or repeated
         problems = _type_problems(self)
         if problems:  # the range checks below assume the types
             raise UserError("; ".join(problems) + ".")

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from gemma_qlora.errors import UserError
-from gemma_qlora.model import base_fingerprint
+from gemma_qlora.model import base_fingerprint, looks_like_path, resolve_model
+from gemma_qlora.rundir import EXPORT_MARKER, check_replaceable, remove_written
 
 INTO = ("merged", "gguf")
 BASES = ("dequantized", "original")
@@ -113,6 +114,8 @@ def read_run(run: str | Path):
     from gemma_qlora.config import TrainConfig
 
     run_dir = Path(run).expanduser()
+    if run_dir.is_file():
+        raise UserError(f"--run {run_dir} is a file, not a folder: give a run folder written by `python -m gemma_qlora train`.")
     if not run_dir.is_dir():
         raise UserError(f"Run folder {run_dir} does not exist: give a folder written by `python -m gemma_qlora train`.")
     adapter = run_dir / "adapter"
@@ -522,10 +525,21 @@ def _disk_error(out: Path, error: Exception) -> UserError:
     return UserError(f"Could not write the export to {out} ({reason}): free disk space or choose another --out.")
 
 
-def output_folder(cfg: ExportConfig, run_dir: Path) -> Path:
+def output_folder(cfg: ExportConfig, run_dir: Path, *, base: str | None = None) -> Path:
+    """Where the export goes, refused before anything loads if writing there could remove what
+    export did not write: `--overwrite` replaces only an earlier export (its `EXPORT_MARKER`),
+    never the run, its base, a folder holding either or holding runs, or the current directory;
+    the same holds for the `.partial` and `.rejected` folders beside it."""
     out = Path(cfg.out).expanduser() if cfg.out else run_dir / cfg.into
+    protected = (run_dir,) + ((Path(base),) if base else ())
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: choose another --out.")
     if out.exists() and not cfg.overwrite:
         raise UserError(f"Output folder {out} already exists: choose another --out, or add --overwrite true to replace it.")
+    check_replaceable(out, marker=EXPORT_MARKER, flag="--out", protected=protected)
+    out = Path(os.path.abspath(out)) if not out.name else out  # `.` or a path ending in `..` has no name to add to
+    for folder in (out.with_name(out.name + ".partial"), out.with_name(out.name + ".rejected")):
+        check_replaceable(folder, marker=EXPORT_MARKER, flag="--out", protected=protected)
     return out
 
 
@@ -554,8 +568,7 @@ def record(run_dir: Path, out: Path, entry: dict) -> None:
 def _finish(partial: Path, out: Path, *, passed: bool) -> Path:
     """Move the verified folder under its real name (or a rejected one aside)."""
     target = out if passed else out.with_name(out.name + ".rejected")
-    if target.exists():
-        shutil.rmtree(target)
+    remove_written(target, marker=EXPORT_MARKER, flag="--out")
     os.replace(partial, target)
     return target
 
@@ -659,7 +672,7 @@ def export(cfg: ExportConfig) -> dict:
 
     run_dir = Path(cfg.run).expanduser()
     train_cfg, metrics = read_run(run_dir)
-    out = output_folder(cfg, run_dir)
+    out = output_folder(cfg, run_dir, base=resolve_model(train_cfg.model) if looks_like_path(train_cfg.model) else None)
     model_type = metrics.get("model_type")
     if cfg.into == "gguf" and model_type not in GGUF_ARCHS:
         raise UserError(f"GGUF export supports Gemma 2 and Gemma 3 (transformers reads no other Gemma GGUF back to verify it), "
@@ -681,10 +694,11 @@ def export(cfg: ExportConfig) -> dict:
     yardstick = dense or reference
 
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_written(partial, marker=EXPORT_MARKER, flag="--out")  # an earlier export's, cut short
     t0 = time.perf_counter()
     try:
         partial.mkdir(parents=True)
+        (partial / EXPORT_MARKER).write_text(json.dumps({"run": str(run_dir.resolve()), "into": cfg.into}))
         files, config, tokenizer, merge_seconds = write_export(cfg, train_cfg, run_dir, partial, precision=precision, base=base)
     except (OSError, SafetensorError) as error:  # a full disk, mostly: nothing stays behind
         shutil.rmtree(partial, ignore_errors=True)

@@ -130,6 +130,11 @@ def select_format(data: Dataset, fmt: str, cfg, name: str) -> Dataset:
         data = data.rename_columns(renames)
     rows = list(range(1, len(data) + 1))
     if fmt == "quote":  # as always: rows without a quote or an author are left out
+        for column in COLUMNS[fmt]:
+            for row, value in zip(rows, data[column]):
+                if value is not None and not isinstance(value, str):
+                    raise UserError(f"Row {row} of {name}: {column} must be text, not {str(value)[:60]!r}: "
+                                    "write it in quotes in your file, or remove the row.")
         data = data.add_column("row", rows)
         return data.filter(lambda r: bool(r["quote"] and r["author"] and r["quote"].strip() and r["author"].strip()))
     if fmt == "messages":
@@ -402,18 +407,27 @@ class AuditConfig:
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
 
     def __post_init__(self) -> None:
-        for name in ("show", "max_seq_length", "eval_size"):
-            if getattr(self, name) < (0 if name == "show" else 1):
-                raise UserError(f"--{name} must be {'0 or more' if name == 'show' else 'a positive number'}, not {getattr(self, name)}.")
+        from dataclasses import fields
+
+        from gemma_qlora.config import TrainConfig
+
+        if not isinstance(self.show, int) or isinstance(self.show, bool) or self.show < 0:
+            raise UserError(f"--show must be 0 or more, not {self.show!r}.")
+        # the settings a training run shares are checked as train checks them
+        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
+        TrainConfig(**{name: getattr(self, name) for name in shared})
 
 
 def load_tokenizer(name: str):
     """The tokenizer of a model (hub id, folder or 'embedded'), alone."""
     from transformers import AutoTokenizer
 
-    from gemma_qlora.model import _explain_hub_error, hf_token, resolve_model
+    from gemma_qlora.model import _explain_hub_error, check_model_folder, hf_token, resolve_model
 
     path, token = resolve_model(name), hf_token()
+    checked = check_model_folder(path)  # a local folder: the same checks as train (no tokenizer files, ...)
+    if checked is not None:
+        return checked
     try:
         return AutoTokenizer.from_pretrained(path, token=token)
     except (OSError, ValueError) as error:

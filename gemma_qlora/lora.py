@@ -39,12 +39,18 @@ def attach_lora(model: PreTrainedModel, cfg) -> PeftModel:
                 use_gradient_checkpointing=gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    check_targets(targets, [name for name, _ in model.named_modules()])
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def check_targets(targets: list[str], module_names: list[str]) -> None:
+    """Refuse LoRA targets that name no module of the model (`module_names`, as `named_modules`
+    gives them; `gemma_qlora.model.module_names` has them before any weight loads)."""
+    present = {name.rsplit(".", 1)[-1] for name in module_names}
     missing = [t for t in targets if t not in present]
     if missing:
         raise UserError(f"LoRA targets {missing} are not modules of this model: choose from {sorted(p for p in present if p.endswith('proj'))}.")
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
 
 
 def parameter_counts(model) -> dict[str, int | float]:

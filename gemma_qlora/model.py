@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gemma_qlora.errors import UserError
@@ -55,6 +56,9 @@ def resolve_model(name: str) -> str:
         return str(embedded_model_dir())
     if looks_like_path(name):
         path = Path(name).expanduser()
+        if path.is_file():
+            raise UserError(f"--model {name} is a file, not a folder: give the folder holding config.json and the weights"
+                            + (" (a .gguf file: export or generate --model take it)" if path.suffix == ".gguf" else "") + ".")
         if not path.is_dir():
             raise UserError(f"Model folder {name} does not exist: give a folder holding config.json, or a hub id like google/gemma-2b.")
         return str(path)
@@ -92,9 +96,19 @@ def _explain_hub_error(name: str, error: Exception, token: str | None) -> UserEr
     return UserError(f"Could not load {name}: {chain[0]}")
 
 
+def bad_config(name: str, error: Exception) -> UserError:
+    """transformers validates config.json's fields (huggingface_hub's strict dataclasses): its
+    error in one line that names the field."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+    return UserError(f"The config.json of {name} has a bad value ({detail}): correct it, or save the model again.")
+
+
 def load_config(name: str, token: str | None = None):
     try:
         config = AutoConfig.from_pretrained(name, token=token)
+    except StrictDataclassError as error:
+        raise bad_config(name, error) from None
     except (OSError, ValueError) as error:
         raise _explain_hub_error(name, error, token) from None
     model_type = getattr(config, "model_type", None)
@@ -148,6 +162,19 @@ def load_language_model(path: str, config, **kwargs) -> PreTrainedModel:
     return model
 
 
+def module_names(config) -> list[str]:
+    """The module names of the model `config` describes (the language model alone for a
+    multimodal one), from a copy built on the meta device: no memory, no weights read."""
+    import transformers
+
+    with torch.device("meta"):
+        if config.model_type in MULTIMODAL_TYPES:
+            model = getattr(transformers, MULTIMODAL_TYPES[config.model_type])(config.get_text_config())
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    return [name for name, _ in model.named_modules()]
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # fast (tokenizers) or SentencePiece
 SANITY_TEXT = "Quote: Imagination is more important than knowledge.\nAuthor: Albert Einstein"
 _checked: dict = {}  # the folder last checked (keyed with its files' sizes and times) -> its tokenizer
@@ -171,6 +198,15 @@ def check_model_folder(path: str) -> PreTrainedTokenizerBase | None:
     except (OSError, ValueError) as error:
         raise UserError(f"Model folder {path} has no readable config.json ({type(error).__name__}): "
                         "give the folder a model was saved to with save_pretrained.") from None
+    if not isinstance(config, dict):
+        raise UserError(f"Model folder {path}: config.json holds no settings (a JSON object expected): save the model again.")
+    try:  # before the tokenizer, which reads config.json too and would take the blame
+        AutoConfig.from_pretrained(str(folder))
+    except StrictDataclassError as error:
+        raise bad_config(path, error) from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"Model folder {path}: config.json cannot be read as a model's settings ({str(error).splitlines()[0][:160]}): "
+                        "save the model again.") from None
     _check_weights(folder, path)
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     tokenizer = _check_tokenizer(folder, path, vocab)

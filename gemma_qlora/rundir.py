@@ -12,6 +12,11 @@ second run never leaves a half-written or mismatched file under a real name.
 A run name is a name, never a path; the folder is always a direct child of `--output_dir`.
 A folder that already holds a run is continued (`--resume true`, only with the settings it
 was started with) or replaced (`--overwrite true`), never mixed into.
+
+`--overwrite` only ever removes what the package wrote, recognised by its marker: a run folder
+by its run.json, an export folder by `EXPORT_MARKER`. It never removes the current directory,
+a folder above it, a folder holding a run folder, or the run an export reads
+(`check_replaceable`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ except ImportError:  # Windows: no advisory locks; the folder checks still apply
     fcntl = None
 
 RUN_FILE, LOCK_FILE = "run.json", ".lock"
+EXPORT_MARKER = ".gemma-qlora-export.json"  # written first into every export folder: what `--overwrite` may replace
 # The results of a finished run, and what a save in progress leaves: removed when a run starts over.
 OUTPUTS = ("metrics.json", "generations.json", "adapter", "merged")
 LEFTOVERS = ("adapter.partial", "adapter.old", "merged.partial", "merged.old")
@@ -79,6 +85,10 @@ def run_dir_for(cfg) -> Path:
     check_run_name(cfg.name)
     parent = Path(cfg.output_dir).expanduser()
     run_dir = parent / cfg.name
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"--output_dir {parent} is a file, not a folder: give the folder run folders go into.")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder: choose another --run_name.")
     if run_dir.is_symlink() or run_dir.resolve().parent != parent.resolve():
         raise UserError(f"{run_dir} leads outside {parent} (a symbolic link): choose another --run_name.")
     return run_dir
@@ -152,6 +162,62 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _written_by_train(run_dir: Path) -> bool:
+    """Whether `run_dir/run.json` is the record `prepare_run_dir` writes."""
+    try:
+        return isinstance(json.loads((run_dir / RUN_FILE).read_text()).get("settings"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_export(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (path / EXPORT_MARKER).is_file()
+
+
+def holds_runs(folder: Path) -> list[str]:
+    """The run folders directly inside `folder` (each with its run.json)."""
+    try:
+        return sorted(p.parent.name for p in folder.glob(f"*/{RUN_FILE}"))
+    except OSError:
+        return []
+
+
+def check_replaceable(path: Path, *, marker: str, flag: str, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse to remove `path` unless the package wrote it (it holds `marker`) and removing it
+    takes nothing else with it: not the current directory or a folder above it, not a
+    `protected` path (the run an export reads, its base model) or a folder holding one, not a
+    folder holding run folders. A file where a folder is expected is said so."""
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link: {flag} replaces only folders it wrote; choose another one.")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a folder: choose another {flag}.")
+    resolved, here = path.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise UserError(f"{path} holds the current directory: {flag} never removes it; choose another {flag}.")
+    for keep in protected:
+        kept = Path(keep).expanduser().resolve()
+        if resolved == kept or resolved in kept.parents:
+            raise UserError(f"{path} holds {keep}, which this command reads: choose another {flag}.")
+    if (path / RUN_FILE).is_file():
+        raise UserError(f"{path} is a run folder: {flag} never replaces a run; choose another {flag}.")
+    runs = holds_runs(path)
+    if runs:
+        raise UserError(f"{path} holds run folders ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}): "
+                        f"--overwrite never removes a run's parent; choose another {flag}.")
+    if not (path / marker).is_file():
+        raise UserError(f"{path} was not written by this command (it has no {marker}), so --overwrite leaves it alone: "
+                        f"choose another {flag}, or move it away yourself.")
+
+
+def remove_written(path: Path, *, marker: str, flag: str, protected: tuple[Path, ...] = ()) -> None:
+    """`check_replaceable`, then remove `path`."""
+    check_replaceable(path, marker=marker, flag=flag, protected=protected)
+    if path.exists():
+        shutil.rmtree(path)
+
+
 def check_run_dir(cfg) -> str:
     """Whether a run with `cfg` may start in its folder, without touching it: 'new', 'resume' or
     'overwrite'; else a UserError that says what is there and what to do."""
@@ -162,6 +228,7 @@ def check_run_dir(cfg) -> str:
         raise UserError(f"Run folder {run_dir} is in use by {who}: wait for it to finish, or choose another --run_name.")
     held = _holds_a_run(run_dir)
     if cfg.overwrite:
+        check_overwrite(run_dir, held)
         return "overwrite"
     recorded = _read_settings(run_dir)
     if cfg.resume:
@@ -195,6 +262,23 @@ def check_run_dir(cfg) -> str:
             "add --resume true to continue it, --overwrite true to replace it, or choose another --run_name."
         )
     return "new"
+
+
+def check_overwrite(run_dir: Path, held: list[str]) -> None:
+    """`--overwrite true` replaces a run folder only where train wrote it (its run.json), never
+    the current directory, a folder above it, or a folder holding other run folders."""
+    if not run_dir.exists():
+        return
+    here = Path.cwd().resolve()
+    if run_dir.resolve() == here or run_dir.resolve() in here.parents:
+        raise UserError(f"Run folder {run_dir} holds the current directory: --overwrite never removes it; choose another --run_name.")
+    runs = holds_runs(run_dir)
+    if runs:
+        raise UserError(f"{run_dir} holds run folders ({', '.join(runs[:3])}): it is a results folder, not a run; "
+                        "give it as --output_dir and choose a --run_name inside it.")
+    if held and not _written_by_train(run_dir):
+        raise UserError(f"{run_dir} holds files train did not write ({', '.join(held[:4])}; no {RUN_FILE}), so --overwrite "
+                        "leaves them alone: choose another --run_name, or move them away yourself.")
 
 
 def _norm(value):
@@ -282,6 +366,8 @@ def prepare_run_dir(cfg, *, main: bool = True) -> Path:
     try:
         mode = check_run_dir(cfg)
         stale = [*OUTPUTS, "checkpoints"] if mode == "overwrite" else ["metrics.json", "generations.json"] if mode == "resume" else [*OUTPUTS]
+        if mode == "overwrite":  # the exports of the run being replaced would describe another model
+            stale += ["export.json", *(p.name for p in run_dir.iterdir() if _is_export(p))]
         # the figures of an earlier run go first, so that they never sit beside a newer adapter
         for name in (*stale, *LEFTOVERS):
             _remove(run_dir / name)

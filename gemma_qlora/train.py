@@ -35,10 +35,10 @@ from gemma_qlora.data import PROMPTS
 from gemma_qlora.plan import current_gpu, fit_micro_batch
 from gemma_qlora.errors import UserError
 from gemma_qlora.evaluate import attributable, author_accuracy, generate
-from gemma_qlora.lora import attach_lora, parameter_counts
+from gemma_qlora.lora import attach_lora, check_targets, parameter_counts
 from gemma_qlora.memory import GIB, MemoryRecorder
 from gemma_qlora.metrics import StepTimer, environment, memory_metrics, training_metrics
-from gemma_qlora.model import base_fingerprint, check_model_folder, hf_token, load_config, load_model, resolve_model
+from gemma_qlora.model import base_fingerprint, check_model_folder, hf_token, load_config, load_model, module_names, resolve_model
 from gemma_qlora.quant import cap_gpu_memory, detect_precision
 from gemma_qlora.rundir import (
     WRITE_ERRORS,
@@ -131,7 +131,9 @@ class Run:
         path = resolve_model(cfg.model)  # a missing model folder is said before the data is read
         with self.recorder.phase("load"):
             check_model_folder(path)  # config, tokenizer and weight files, before anything heavy
-            check_context_length(cfg, load_config(path, hf_token()))
+            config = load_config(path, hf_token())
+            check_context_length(cfg, config)
+            check_targets(cfg.lora_targets, module_names(config))
             # Encoded (token ids, labels masked as the format says) with the model's tokenizer before
             # the model loads or anything is written, so that a bad example costs neither.
             self.data, counts, _ = formats.encoded_examples(cfg)

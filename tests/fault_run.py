@@ -19,6 +19,9 @@ import torch  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 fault, arg = sys.argv[1], sys.argv[2]
+# A process started with SIGINT ignored (a background job, `nohup`, some CI runners) passes that
+# on, and Python then installs no KeyboardInterrupt handler: Ctrl-C is what this runner is for.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if fault == "interrupt":
     calls, training_step = 0, Trainer.training_step

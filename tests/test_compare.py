@@ -50,7 +50,7 @@ def test_unknown_arm():
         CompareConfig(arms=["3bit"])
 
 
-def test_report_summarises_seeds_and_cut_short_runs(tmp_path):
+def test_report_summarises_seeds_and_cut_short_runs(tmp_path, capsys):
     """`report` groups <arm>-seed<N> folders: mean and spread over the seeds each arm has."""
     import shutil
 
@@ -89,3 +89,20 @@ def test_report_summarises_seeds_and_cut_short_runs(tmp_path):
     shutil.rmtree(tmp_path / "16bit-seed1")
     with pytest.raises(UserError, match="No run folders"):
         report(ReportConfig(str(tmp_path)))
+
+    # one damaged or foreign metrics.json is named and skipped; the good runs are still reported
+    fake_run("4bit", 1, 3.0)
+    (tmp_path / "8bit").mkdir()
+    (tmp_path / "8bit" / "metrics.json").write_text('{"run": "8bit", "eval_lo')
+    fake_run("16bit", 1, 2.5)
+    metrics = json.loads((tmp_path / "16bit" / "metrics.json").read_text())
+    del metrics["peak_train_gib"]
+    (tmp_path / "16bit" / "metrics.json").write_text(json.dumps(metrics))
+    result = report(ReportConfig(str(tmp_path)))
+    assert list(result["arms"]) == ["4bit"]
+    err = capsys.readouterr().err
+    assert f"skipped {tmp_path / '8bit'}: metrics.json is not valid JSON" in err
+    assert f"skipped {tmp_path / '16bit'}: metrics.json lacks the figure 'peak_train_gib'" in err
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        report(ReportConfig(str(tmp_path / "a_file")))

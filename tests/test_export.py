@@ -82,10 +82,16 @@ def test_export_merged_is_a_plain_checkpoint_verified_and_recorded(trained_run, 
     with pytest.raises(UserError) as error:
         export(ExportConfig(run=str(run), into="merged"))
     assert "--overwrite" in one_line(error) and (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(UserError) as error:  # --overwrite replaces only an earlier export
+        export(ExportConfig(run=str(run), into="merged", overwrite=True))
+    assert "not written by this command" in one_line(error) and (out / "keep.txt").read_text() == "mine"
+    shutil.rmtree(out)
 
+    export(ExportConfig(run=str(run), into="merged"))
+    (out / "stale.txt").write_text("from the earlier export")
     result = export(ExportConfig(run=str(run), into="merged", overwrite=True))
     assert result["passed"] and result["out"] == str(out) and result["base"] == "dequantized"
-    assert not (out / "keep.txt").exists() and not (out / "adapter_config.json").exists()
+    assert not (out / "stale.txt").exists() and not (out / "adapter_config.json").exists()
     assert not list(tmp_path.rglob("*.partial"))
     model = AutoModelForCausalLM.from_pretrained(out)  # no PEFT involved
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.bfloat16

@@ -59,9 +59,16 @@ def files_under(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def interrupted(tiny_model, quotes_file, tmp_path_factory):
-    """A run of 4 steps, checkpointing every step, stopped by Ctrl-C inside step 3."""
+    """A run of 4 steps, checkpointing every step, stopped by Ctrl-C inside step 3. Started with
+    SIGINT ignored, as a background job or many CI runners start pytest: the runner must still
+    get its Ctrl-C."""
+    import signal
+
     out = tmp_path_factory.mktemp("interrupted")
-    done = cli(FAULT_RUN, "interrupt", "3", *flags(tiny_model, quotes_file, out, "--steps", "4", "--save_steps", "1"))
+    done = subprocess.run(
+        [sys.executable, FAULT_RUN, "interrupt", "3", *flags(tiny_model, quotes_file, out, "--steps", "4", "--save_steps", "1")],
+        capture_output=True, text=True, timeout=600, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     return out, done
 
 
