@@ -18,4 +18,19 @@ Modules, each small and named for what it holds:
     fortunes, embedded, tiny   the embedded quotes and Gemma 3 270M; tiny models for tests
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+
+def _quiet_optional_kernel_fetch(record: logging.LogRecord) -> bool:
+    """On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch an optional CPU kernel from
+    the Hub through the `kernels` package (which transformers installs) and warns, in two log
+    lines, wherever that cannot happen (offline, or the publisher not trusted). Nothing here uses
+    that kernel, so the warnings would only break the one-line errors the commands promise."""
+    message = record.getMessage()
+    return not ("gemm_4bit_forward from kernels-community" in message or "publisher trust" in message)
+
+
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub", "kernels"):
+    logging.getLogger(_name).addFilter(_quiet_optional_kernel_fetch)

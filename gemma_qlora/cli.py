@@ -1,16 +1,20 @@
 """Command line: `python -m gemma_qlora train|compare ...` (also the `gemma-qlora` script).
 
-Flags come from the settings dataclasses through `HfArgumentParser`, so
-`python -m gemma_qlora train --help` lists every setting with its default.
+Flags come from the settings dataclasses through `HfArgumentParser` (TRL's `TrlParser`, which
+also reads `--config FILE.yaml`), so `python -m gemma_qlora train --help` lists every setting
+with its default.
 A `UserError` prints as one line and exits 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import typing
 
-from transformers import HfArgumentParser
+from trl import TrlParser
 
+from gemma_qlora.config import RESUME, preset_names, read_settings_file
 from gemma_qlora.errors import UserError
 
 USAGE = """usage: python -m gemma_qlora COMMAND [flags]
@@ -24,7 +28,8 @@ commands:
   generate  stream a run's or a model's continuations of prompts (--run or --model, --prompt)
   data      show which tokens of your data train and which are masked, and count them (--data, --model, --show N)
 
-`python -m gemma_qlora COMMAND --help` lists the flags."""
+`python -m gemma_qlora COMMAND --help` lists the flags; `--config FILE.yaml` (or a preset:
+colab-t4, cpu, gpu, bench-8x512) sets them from a file, flags overriding."""
 
 
 # What Ctrl-C leaves, where the step it stopped has not said so itself (training and compare do).
@@ -37,18 +42,52 @@ KEPT_AFTER_CTRL_C = {
 
 
 def parse(dataclass_type, argv: list[str], command: str = "train"):
-    """Flags into the settings dataclass; a bad or unknown flag is one line (argparse would print
-    its whole usage first)."""
-    parser = HfArgumentParser(dataclass_type, prog=f"python -m gemma_qlora {command}")
+    """Flags into the settings dataclass, after the settings of `--config FILE.yaml` (or a
+    preset's name) if given: flags override the file. A bad or unknown flag or file is one line
+    (argparse would print its whole usage first)."""
+    argv, from_file = config_file(argv, command)
+    flags = _for_argparse(dataclass_type)
+    parser = TrlParser(flags, prog=f"python -m gemma_qlora {command}")
 
     def error(message: str):
         raise UserError(f"{message}: see python -m gemma_qlora {command} --help.")
 
     parser.error = error
-    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if from_file:
+        path, values = from_file
+        unknown = parser.set_defaults_with_config(**values)  # TRL's way: the file's values become the defaults
+        if unknown:
+            names = sorted({u.lstrip("-") for u in unknown[::2]})
+            raise UserError(f"{path} sets {', '.join(names)}, which `{command}` does not take: see python -m gemma_qlora {command} --help.")
+    parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise UserError(f"unknown flag(s) {' '.join(unknown)}: see python -m gemma_qlora {command} --help.")
-    return cfg
+    return dataclass_type(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(flags)})
+
+
+def config_file(argv: list[str], command: str) -> tuple[list[str], tuple[str, dict] | None]:
+    """`--config FILE.yaml` (or `--config NAME`, a preset in gemma_qlora/presets/) taken out of
+    `argv`, and the file's settings."""
+    if "--config" not in argv:
+        return argv, None
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise UserError(f"--config needs a YAML file or a preset's name ({', '.join(preset_names())}).")
+    name, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    return argv, (name, read_settings_file(name))
+
+
+def _for_argparse(dataclass_type):
+    """The settings dataclass as `HfArgumentParser` takes it: the same fields with only argparse's
+    keys in their metadata (argparse refuses others, such as the resume mark)."""
+    hints = typing.get_type_hints(dataclass_type)
+    specs = []
+    for f in dataclasses.fields(dataclass_type):
+        metadata = {k: v for k, v in f.metadata.items() if k != RESUME}
+        default = ({"default": f.default} if f.default is not dataclasses.MISSING else
+                   {"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING else {})
+        specs.append((f.name, hints[f.name], dataclasses.field(metadata=metadata, **default)))
+    return dataclasses.make_dataclass(dataclass_type.__name__, specs)
 
 
 def main(argv: list[str] | None = None) -> int:

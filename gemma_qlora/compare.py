@@ -22,7 +22,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from gemma_qlora.config import TrainConfig
+from gemma_qlora.config import TrainConfig, read_settings_file
 from gemma_qlora.errors import UserError
 from gemma_qlora.plots import FIGURES, save_all
 
@@ -34,7 +34,6 @@ ARMS = {
     "8bit": {"bits": 8},
     "16bit": {"bits": 16},
 }
-CPU_STEPS, GPU_STEPS = 15, 60  # CPU: all three arms of the embedded Gemma 3 270M within 15 min on 2 cores
 
 
 @dataclass
@@ -42,7 +41,8 @@ class CompareConfig(TrainConfig):
     arms: list[str] = field(default_factory=lambda: ["4bit", "8bit", "16bit"], metadata={"help": f"Of {list(ARMS)}."})
     seeds: list[int] = field(default_factory=lambda: [42], metadata={"help": "One run per arm and seed."})
     output_dir: str = "results"
-    steps: int | None = field(default=None, metadata={"help": f"Default {GPU_STEPS} on GPU, {CPU_STEPS} on CPU."})
+    # unset: from the preset of the machine (gemma_qlora/presets/gpu.yaml or cpu.yaml)
+    steps: int | None = field(default=None, metadata={"help": "Default 60 on GPU, 15 on CPU (presets gpu, cpu)."})
     batch_size: int | None = field(default=None, metadata={"help": "Default 8 on GPU, 2 on CPU."})
     max_seq_length: int | None = field(default=None, metadata={"help": "Default 512 on GPU, 128 on CPU."})
     eval_size: int | None = field(default=None, metadata={"help": "Held-out quotes for eval loss; default 200 on GPU, 40 on CPU."})
@@ -54,13 +54,14 @@ class CompareConfig(TrainConfig):
     reuse: bool = field(default=False, metadata={"help": "Keep arms whose metrics.json exists (finish a cut-short run)."})
 
     def __post_init__(self) -> None:
+        # what is left unset comes from the machine's preset (gemma_qlora/presets/cpu.yaml, gpu.yaml)
         gpu = torch.cuda.is_available()
-        self.steps = self.steps or (GPU_STEPS if gpu else CPU_STEPS)
-        self.batch_size = self.batch_size or (8 if gpu else 2)
-        self.max_seq_length = self.max_seq_length or (512 if gpu else 128)
-        self.eval_size = self.eval_size or (200 if gpu else 40)
-        self.eval_steps = self.eval_steps or (None if gpu else self.steps)
-        self.author_eval = (100 if gpu else 20) if self.author_eval is None else self.author_eval
+        preset = read_settings_file("gpu" if gpu else "cpu")
+        for name in ("steps", "batch_size", "max_seq_length", "eval_size", "author_eval"):
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
+        if self.eval_steps is None and not gpu:
+            self.eval_steps = self.steps  # evaluating is slow on a CPU: only at the end
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise UserError(f"Unknown arm(s) {unknown}: choose from {list(ARMS)}.")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from gemma_qlora.config import DataSettings, ModelSettings, SequenceSettings, setting
 from gemma_qlora.errors import UserError
 
 FORMATS = ("quote", "text", "prompt_completion", "messages")
@@ -388,34 +389,14 @@ def show_example(ids: list[int], labels: list[int], tokenizer, *, tty: bool = Fa
 
 
 @dataclass
-class AuditConfig:
-    data: str = field(default="embedded", metadata={"help": "Hub id, local .jsonl/.csv/.parquet/dataset folder, or 'embedded'."})
-    model: str = field(default="embedded", metadata={"help": "The model whose tokenizer (and chat template) encodes the data."})
-    show: int = field(default=2, metadata={"help": "Training examples to print, trained tokens plain, masked ones [in brackets]."})
-    max_seq_length: int = field(default=512, metadata={"help": "Tokens per sequence: longer examples are counted and left out."})
-    data_format: str = field(
-        default="auto", metadata={"help": "auto, quote, text, prompt_completion or messages.", "choices": ["auto", *FORMATS]}
-    )
-    quote_column: str = field(default="quote", metadata={"help": "Column holding the quote."})
-    author_column: str = field(default="author", metadata={"help": "Column holding the author."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
-    completion_column: str = field(default="completion", metadata={"help": "Column holding the completion."})
-    messages_column: str = field(default="messages", metadata={"help": "Column holding the conversations."})
-    chat_template: str | None = field(default=None, metadata={"help": "The tokenizer's (default), gemma3, or a .jinja file."})
-    eval_size: int = field(default=200, metadata={"help": "Held-out examples (the training run's fixed split)."})
-    max_train_examples: int | None = field(default=None, metadata={"help": "Use only this many training examples."})
+class AuditConfig(SequenceSettings, DataSettings, ModelSettings):
+    """The data audit's settings: the data, model (its tokenizer) and sequence groups a training
+    run has, checked the same way, and how many examples to show."""
 
-    def __post_init__(self) -> None:
-        from dataclasses import fields
+    show: int = setting(2, help="Training examples to print, trained tokens plain, masked ones [in brackets].")
 
-        from gemma_qlora.config import TrainConfig
-
-        if not isinstance(self.show, int) or isinstance(self.show, bool) or self.show < 0:
-            raise UserError(f"--show must be 0 or more, not {self.show!r}.")
-        # the settings a training run shares are checked as train checks them
-        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
-        TrainConfig(**{name: getattr(self, name) for name in shared})
+    def _problems(self) -> list[str]:
+        return [] if self.show >= 0 else [f"--show must be 0 or more, not {self.show}"]
 
 
 def load_tokenizer(name: str):

@@ -30,6 +30,7 @@ import zipfile
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from gemma_qlora.config import resume_settings
 from gemma_qlora.errors import UserError
 
 try:
@@ -42,15 +43,6 @@ EXPORT_MARKER = ".gemma-qlora-export.json"  # written first into every export fo
 # The results of a finished run, and what a save in progress leaves: removed when a run starts over.
 OUTPUTS = ("metrics.json", "generations.json", "adapter", "merged")
 LEFTOVERS = ("adapter.partial", "adapter.old", "merged.partial", "merged.old")
-# The settings a checkpoint's optimizer state, schedule and data order depend on: a run may
-# continue a checkpoint only with all of them unchanged.
-RESUME_SETTINGS = (
-    "model", "data", "quote_column", "author_column", "eval_size", "max_train_examples",
-    "bits", "quant_type", "double_quant", "quant_storage",
-    "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-    "steps", "batch_size", "grad_accum", "max_seq_length", "packing", "packing_layout", "learning_rate", "warmup_steps",
-    "optim", "seed", "data_format", "text_column", "prompt_column", "completion_column", "messages_column", "chat_template",
-)
 # What a full disk (or a vanished mount) raises from a save: OSError from Python's own writes,
 # RuntimeError from torch.save's zip writer, SafetensorError from safetensors' Rust writer.
 try:
@@ -95,8 +87,9 @@ def run_dir_for(cfg) -> Path:
 
 
 def recorded_settings(cfg) -> dict:
-    """The settings `run.json` keeps for a later resume to compare against."""
-    settings = {name: getattr(cfg, name) for name in RESUME_SETTINGS if hasattr(cfg, name)}
+    """The settings `run.json` keeps for a later resume to compare against: those a checkpoint's
+    optimizer state, schedule and data order depend on (marked `resume=True` where declared)."""
+    settings = {name: getattr(cfg, name) for name in resume_settings(cfg)}
     settings["processes"] = int(os.environ.get("WORLD_SIZE", 1))
     return settings
 
