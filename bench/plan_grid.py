@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-GIB = 1024**3
+from gemma_qlora.plan import GIB, GPUS, PlanInputs, build_plan, load_shape  # reads config.json only: no torch, no CUDA
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # (micro-batch, sequence length, gradient checkpointing), most telling first: the default, then
@@ -176,6 +177,7 @@ def run_worker(job: dict) -> None:
             point["setup_seconds"] = time.time() - t0
             collator = trainer.data_collator
             point["layout"] = "flat" if getattr(collator, "padding_free", False) else "rows"
+            point.update(lora_dropout=pcfg.lora_dropout, offload_activations=pcfg.offload_activations)
             gc.collect()
             empty_cache()
             t0 = time.time()
@@ -204,14 +206,18 @@ def run_worker(job: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def predict(record: dict, *, folder: str, fp16: bool, cap: float | None) -> dict:
-    """The planner's figures for one measured point, on the GPU it ran on."""
-    from gemma_qlora.plan import GPUS, PlanInputs, build_plan, load_shape
+# what a point recorded before it stored these settings ran at (the defaults of that time)
+EARLIER_SETTINGS = {"layout": "flat", "lora_dropout": 0.05, "offload_activations": False}
 
+
+def predict(record: dict, *, folder: str, fp16: bool, cap: float | None) -> dict:
+    """The planner's figures for one measured point, at the settings it ran at, on the GPU it ran on."""
     shape = load_shape(folder)
+    record = {**EARLIER_SETTINGS, **record}
     inputs = PlanInputs(shape, bits=record["bits"], batch_size=record["batch"], max_seq_length=record["length"],
                         gradient_checkpointing=record["ckpt"], dtype="float16" if fp16 else "bfloat16",
-                        packing_layout=record.get("layout", "flat"))
+                        packing_layout=record["layout"], lora_dropout=record["lora_dropout"],
+                        offload_activations=record["offload_activations"])
     gpu = GPUS["h200"]
     p = build_plan(inputs, gpu=gpu)
     result = {"pred_allocated_gib": p.peak_allocated_gib, "pred_reserved_gib": p.peak_reserved_gib,
@@ -222,8 +228,6 @@ def predict(record: dict, *, folder: str, fp16: bool, cap: float | None) -> dict
 
 
 def predict_load(record: dict, *, folder: str, fp16: bool) -> dict:
-    from gemma_qlora.plan import GPUS, PlanInputs, build_plan, load_shape
-
     p = build_plan(PlanInputs(load_shape(folder), bits=record["bits"], dtype="float16" if fp16 else "bfloat16"), gpu=GPUS["h200"])
     return {"pred_allocated_gib": p.after_load_allocated_gib, "pred_nvml_gib": p.after_load_nvml_gib}
 

@@ -86,7 +86,7 @@ def parse_gpu(value: str | float | GPU | None) -> GPU | None:
             raise UserError(f"--gpu {value!r} comes in several sizes: give one of {', '.join(sizes)}.") from None
         raise UserError(
             f"Unknown GPU {value!r}: the planner knows {', '.join(GPUS)}; for another card give its memory in GiB "
-            f"(e.g. --gpu 44.5, as nvidia-smi reports it)."
+            f"instead (e.g. --gpu 24)."
         ) from None
     if not 1 <= gib <= 4096:
         raise UserError(f"--gpu {value!r}: a GPU's memory in GiB is between 1 and 4096.")

@@ -55,6 +55,8 @@ class PlanInputs:
                             f"this model handles")
         if not problems and self.lora_r > self.shape.hidden_size:
             problems.append(f"--lora_r {self.lora_r} is larger than the hidden size ({self.shape.hidden_size})")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora_dropout must be at least 0 and below 1, not {self.lora_dropout}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             problems.append(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
         if self.optim not in OPTIMIZERS:
