@@ -55,7 +55,7 @@ def rows(path: Path) -> list[str]:
 
 
 def main(paths: list[str]) -> int:
-    print("| arm (call) | allocator peak GiB: measured / predicted | error | NVML peak GiB: measured / predicted | error |")
+    print("| arm (results folder) | allocator peak GiB: measured / predicted | error | NVML peak GiB: measured / predicted | error |")
     print("|---|---|---|---|---|")
     for path in paths:
         print("\n".join(rows(Path(path))))
