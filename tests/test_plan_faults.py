@@ -26,7 +26,7 @@ def config_folder(tmp_path: Path, **changes) -> Path:
         else:
             data[key] = value
     folder = tmp_path / "model"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(data))
     return folder
 
@@ -67,6 +67,21 @@ def test_a_wrongly_typed_field_is_named(tmp_path, capsys, key, value, said):
 def test_a_negative_or_zero_size_is_named(tmp_path, capsys, key, value):
     err = plan_error(config_folder(tmp_path, **{key: value}), capsys)
     assert f'"{key}" is {value}' in err and "whole number above 0" in err
+
+
+def test_a_size_beyond_any_model_is_named(tmp_path, capsys):
+    err = plan_error(config_folder(tmp_path, hidden_size=10**400), capsys)
+    assert '"hidden_size" is a 401-digit number, beyond any model' in err
+    assert '"vocab_size" is 1e+18, beyond any model' in plan_error(config_folder(tmp_path / "2", vocab_size=1e18), capsys)
+
+
+def test_a_multimodal_gemma3s_language_model_is_checked_too(tmp_path, capsys):
+    text = build_config("gemma3_text", 1000).to_dict()
+    text["head_dim"] = None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
+    assert '"head_dim" is null' in plan_error(tmp_path, capsys)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": "small"}))
+    assert '"text_config" is "small", not a set of settings' in plan_error(tmp_path, capsys)
 
 
 def test_heads_that_do_not_divide_are_named(tmp_path, capsys):

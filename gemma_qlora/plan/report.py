@@ -61,7 +61,7 @@ class PlanConfig:
     """Flags of `python -m gemma_qlora plan` (TrainConfig's names, plus the GPU)."""
 
     model: str = field(default="embedded", metadata={"help": "Hub id (only config.json is fetched), model folder, config.json, or 'embedded'."})
-    gpu: str | None = field(default=None, metadata={"help": f"{', '.join(GPUS)} or its memory in GiB; default: every one listed."})
+    gpu: str | None = field(default=None, metadata={"help": f"{', '.join(GPUS)}, a device name as nvidia-smi shows it, or the GPU's memory in GiB; default: every one listed."})
     bits: int = field(default=4, metadata={"help": "4, 8 or 16."})
     batch_size: int = field(default=8, metadata={"help": "Micro-batch: packed sequences per step."})
     max_seq_length: int = field(default=512, metadata={"help": "Tokens per packed sequence."})

@@ -21,6 +21,7 @@ MULTIMODAL_TYPE = "gemma3"  # its config holds the language model's under "text_
 # sizes the plan reads: where present, each a whole number above zero
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "max_position_embeddings")
+MAX_SIZE = 2**31 - 1  # no dimension of a model is larger; beyond it the arithmetic leaves floats
 WHERE = "give a model folder (the one holding config.json), a config.json, a hub id or 'embedded'"
 
 
@@ -151,14 +152,18 @@ def field_problem(data: dict, key: str) -> str | None:
     if key not in data:
         return None
     value = data[key]
+    whole = "it must be a whole number above 0"
     if value is None:
-        return f'"{key}" is null'
+        return f'"{key}" is null; {whole}'
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
-        return f'"{key}" is {json.dumps(value)[:40]}'
+        return f'"{key}" is {json.dumps(value)[:40]}; {whole}'
+    if value > MAX_SIZE:
+        shown = f"{value:.3g}" if isinstance(value, float) or len(str(value)) <= 15 else f"a {len(str(value))}-digit number"
+        return f'"{key}" is {shown}, beyond any model (at most {MAX_SIZE:,})'
     if value != int(value):
-        return f'"{key}" is {value:g}, not a whole number'
+        return f'"{key}" is {value:g}, not a whole number; {whole}'
     if value <= 0:
-        return f'"{key}" is {value:g}'
+        return f'"{key}" is {value:g}; {whole}'
     return None
 
 
@@ -182,7 +187,7 @@ def check_config(data: dict, *, path: Path) -> dict:
     for key in SIZE_FIELDS:
         problem = field_problem(text, key)
         if problem:
-            raise UserError(f"{path}: {problem}; it must be a whole number above 0: {fix}.")
+            raise UserError(f"{path}: {problem}: {fix}.")
     heads, kv_heads = text.get("num_attention_heads"), text.get("num_key_value_heads")
     if heads and kv_heads and heads % kv_heads:
         raise UserError(f'{path}: "num_attention_heads" ({heads}) is not a multiple of "num_key_value_heads" ({kv_heads}): {fix}.')
