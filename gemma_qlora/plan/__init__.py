@@ -47,12 +47,12 @@ from gemma_qlora.plan.memory import (
 )
 from gemma_qlora.plan.report import PlanConfig, format_table, headline, run_plan, verdict_lines
 from gemma_qlora.plan.search import choose_micro_batch, fit_micro_batch, prediction_line
-from gemma_qlora.plan.shapes import GEMMA_TYPES, ModelShape, check_config, load_shape, read_config, read_json
+from gemma_qlora.plan.shapes import GEMMA_TYPES, ModelShape, check_config, check_fields, load_shape, read_config, read_json
 
 __all__ = [
     "GEMMA_TYPES", "GIB", "GPU", "GPUS", "HEADROOM", "INT8_EXTRA", "LOAD_SLACK_GIB", "LORA_TARGETS", "LOSS_TOKENS",
     "LOSS_VOCAB", "MAX_TOKENS", "NESTED_BLOCK", "NF4_BLOCK", "OFFLOAD_STASH", "OPTIMIZERS", "ModelShape", "Plan",
-    "PlanConfig", "PlanInputs", "backward_transient_bytes", "build_plan", "check_config", "choose_micro_batch",
+    "PlanConfig", "PlanInputs", "backward_transient_bytes", "build_plan", "check_config", "check_fields", "choose_micro_batch",
     "current_gpu", "device_gpu", "fit_micro_batch", "format_table", "gpu_in_use", "headline", "int8_kept_bytes",
     "largest_micro_batch", "layer_activation_bytes", "load_shape", "lora_parameters", "lora_tensors", "loss_bytes",
     "match_gpu", "optimizer_bytes", "parse_gpu", "plan", "plan_for", "prediction_line", "quantized_linear_bytes",

@@ -202,13 +202,11 @@ def largest_micro_batch(inputs: PlanInputs, *, gpu: GPU, limit: int = 4096) -> i
     return lo
 
 
-
 def plan_for(cfg, gpu: str | float | GPU | None = None) -> Plan:
     """The memory plan of a `TrainConfig` on `gpu` (default: the GPU in use, capped as the run
     caps it; without one, a T4, the notebooks' GPU)."""
     gpu = parse_gpu(gpu) if gpu is not None else gpu_in_use(cfg.gpu_memory_gib)
     return build_plan(PlanInputs.from_train_config(cfg, shape=load_shape(cfg.model), gpu=gpu), gpu=gpu)
-
 
 
 def plan(model: str | ModelShape = "embedded", *, gpu: str | float | GPU | None = None, **settings) -> Plan:
@@ -229,4 +227,3 @@ def plan(model: str | ModelShape = "embedded", *, gpu: str | float | GPU | None 
     if unknown:
         raise UserError(f"plan() has no setting {', '.join(unknown)}: use {', '.join(sorted(fields))}.")
     return build_plan(PlanInputs(shape=shape, **settings), gpu=gpu)
-

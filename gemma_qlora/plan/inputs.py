@@ -112,4 +112,3 @@ class PlanInputs:
             dtype="float16" if fp16 else "bfloat16", attn_implementation=cfg.attn_implementation,
             workspace_mib=gpu.workspace_mib if gpu else 32.0,
         )
-

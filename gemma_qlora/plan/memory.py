@@ -62,8 +62,6 @@ def lora_tensors(inputs: PlanInputs) -> int:
     return inputs.shape.num_layers * len(inputs.lora_targets) * 2
 
 
-
-
 def optimizer_bytes(inputs: PlanInputs) -> tuple[int, int]:
     """(on the allocator, in paged memory) of the optimizer state.
 

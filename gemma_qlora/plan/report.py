@@ -55,7 +55,6 @@ def format_table(p: Plan, *, markdown: bool = False) -> str:
     return "\n".join(out)
 
 
-
 @dataclass
 class PlanConfig:
     """Flags of `python -m gemma_qlora plan` (TrainConfig's names, plus the GPU)."""

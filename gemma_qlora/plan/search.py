@@ -27,7 +27,6 @@ def choose_micro_batch(inputs: PlanInputs, gpu_gib: float | GPU) -> tuple[int, i
     )
 
 
-
 def fit_micro_batch(cfg, gpu: GPU):
     """`cfg` (a TrainConfig) with the largest micro-batch predicted to fit `gpu`, the global batch
     (batch_size x grad_accum) kept through accumulation; for `--auto_batch_size`."""
@@ -43,4 +42,3 @@ def prediction_line(cfg, gpu: GPU) -> str:
     except (UserError, OSError, ValueError):
         return ""
     return f"The planner predicted {p.need_gib(gpu):.1f} GiB of {gpu.total_gib:g} GiB and a largest micro-batch of {p.largest_micro_batch(gpu)}. "
-

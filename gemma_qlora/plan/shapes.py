@@ -167,10 +167,12 @@ def field_problem(data: dict, key: str) -> str | None:
     return None
 
 
+FIX = "correct it in the file (or copy the model's config.json again)"
+
+
 def check_config(data: dict, *, path: Path) -> dict:
-    """The language model's settings of a Gemma config.json (a multimodal Gemma 3's text part),
-    checked field by field: each fault is one line naming the field and what to do."""
-    fix = "correct it in the file (or copy the model's config.json again)"
+    """A Gemma config.json the planner can read: its model type, then the language model's
+    settings (a multimodal Gemma 3's text part) field by field. Returns `data`."""
     model_type = data.get("model_type")
     if "model_type" not in data or not isinstance(model_type, str):
         what = ' has no "model_type"' if "model_type" not in data else f': "model_type" is {json.dumps(model_type)[:40]}, not a name'
@@ -183,27 +185,34 @@ def check_config(data: dict, *, path: Path) -> dict:
     if model_type == MULTIMODAL_TYPE:
         text = data.get("text_config") or {}
         if not isinstance(text, dict):
-            raise UserError(f'{path}: "text_config" is {json.dumps(text)[:40]}, not a set of settings: {fix}.')
+            raise UserError(f'{path}: "text_config" is {json.dumps(text)[:40]}, not a set of settings: {FIX}.')
+    check_fields(text, path=path)
+    return data
+
+
+def check_fields(text: dict, *, path: Path) -> None:
+    """The sizes and switches a language model's config holds, whatever its type: each fault is
+    one line naming the field and what to do (also for a loader, before it reads the tokenizer,
+    which reads config.json too and would be blamed for it)."""
     for key in SIZE_FIELDS:
         problem = field_problem(text, key)
         if problem:
-            raise UserError(f"{path}: {problem}: {fix}.")
+            raise UserError(f"{path}: {problem}: {FIX}.")
     heads, kv_heads = text.get("num_attention_heads"), text.get("num_key_value_heads")
     if heads and kv_heads and heads % kv_heads:
-        raise UserError(f'{path}: "num_attention_heads" ({heads}) is not a multiple of "num_key_value_heads" ({kv_heads}): {fix}.')
+        raise UserError(f'{path}: "num_attention_heads" ({heads}) is not a multiple of "num_key_value_heads" ({kv_heads}): {FIX}.')
     if "tie_word_embeddings" in text and not isinstance(text["tie_word_embeddings"], bool):
-        raise UserError(f'{path}: "tie_word_embeddings" is {json.dumps(text["tie_word_embeddings"])[:40]}; it must be true or false: {fix}.')
+        raise UserError(f'{path}: "tie_word_embeddings" is {json.dumps(text["tie_word_embeddings"])[:40]}; it must be true or false: {FIX}.')
     softcap = text.get("attn_logit_softcapping")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))):
-        raise UserError(f'{path}: "attn_logit_softcapping" is {json.dumps(softcap)[:40]}; it must be a number or null: {fix}.')
+        raise UserError(f'{path}: "attn_logit_softcapping" is {json.dumps(softcap)[:40]}; it must be a number or null: {FIX}.')
     layer_types = text.get("layer_types")
     if layer_types is not None:
         if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
-            raise UserError(f'{path}: "layer_types" is {json.dumps(layer_types)[:40]}; it must be a list of names, one per layer: {fix}.')
+            raise UserError(f'{path}: "layer_types" is {json.dumps(layer_types)[:40]}; it must be a list of names, one per layer: {FIX}.')
         layers = text.get("num_hidden_layers")
         if layers is not None and len(layer_types) != layers:
-            raise UserError(f'{path}: "layer_types" names {len(layer_types)} layers, "num_hidden_layers" says {layers}: {fix}.')
-    return data
+            raise UserError(f'{path}: "layer_types" names {len(layer_types)} layers, "num_hidden_layers" says {layers}: {FIX}.')
 
 
 def read_config(model: str):
