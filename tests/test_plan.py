@@ -14,6 +14,7 @@ from transformers import Gemma3Config
 from trl.kernels import chunked_logprob
 from trl.trainer import utils as trl_utils
 
+import gemma_qlora.plan as plan_package
 import gemma_qlora.train as recipe
 from gemma_qlora.cli import main
 from gemma_qlora.config import TrainConfig
@@ -409,6 +410,13 @@ def test_gpu_flag_takes_exact_names_and_refuses_an_unknown_card(tiny_model, caps
     err = capsys.readouterr().err.strip()
     assert "Unknown GPU 'L40S'" in err and "give its memory in GiB" in err and "\n" not in err
     assert main(["plan", "--model", tiny_model, "--gpu", "44.4"]) == 0
+
+
+def test_the_package_keeps_the_names_other_modules_import():
+    """train, trainer, the CLI, the notebooks and the bench import these from gemma_qlora.plan."""
+    used = {"PlanConfig", "run_plan", "current_gpu", "prediction_line", "fit_micro_batch", "plan_for", "GPUS", "PlanInputs",
+            "build_plan", "load_shape", "ModelShape", "GIB", "plan", "choose_micro_batch", "parse_gpu", "weight_bytes"}
+    assert used <= set(plan_package.__all__) and all(hasattr(plan_package, name) for name in plan_package.__all__)
 
 
 def test_plan_of_a_train_config(tiny_model):
