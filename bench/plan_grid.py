@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gemma_qlora.plan import GIB, GPUS, PlanInputs, build_plan, load_shape  # reads config.json only: no torch, no CUDA
+from gemma_qlora.plan import GIB, GPU, GPUS, PlanInputs, build_plan, load_shape, match_gpu  # reads config.json only: no torch, no CUDA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,16 @@ def run_worker(job: dict) -> None:
 EARLIER_SETTINGS = {"layout": "flat", "lora_dropout": 0.05, "offload_activations": False}
 
 
-def predict(record: dict, *, folder: str, fp16: bool, cap: float | None) -> dict:
+def grid_gpu(records: list[dict]) -> GPU:
+    """The GPU the grid ran on, as the planner knows it (by its exact name), else planned from its
+    memory; the H200 for a run without one (the plumbing alone)."""
+    device = next((r for r in records if r["kind"] == "device"), {})
+    if not device.get("total_gib"):
+        return GPUS["h200"]
+    return match_gpu(device["gpu"], total_gib=device["total_gib"]) or GPU(device["gpu"], device["total_gib"])
+
+
+def predict(record: dict, *, folder: str, fp16: bool, cap: float | None, gpu: GPU) -> dict:
     """The planner's figures for one measured point, at the settings it ran at, on the GPU it ran on."""
     shape = load_shape(folder)
     record = {**EARLIER_SETTINGS, **record}
@@ -218,7 +227,6 @@ def predict(record: dict, *, folder: str, fp16: bool, cap: float | None) -> dict
                         gradient_checkpointing=record["ckpt"], dtype="float16" if fp16 else "bfloat16",
                         packing_layout=record["layout"], lora_dropout=record["lora_dropout"],
                         offload_activations=record["offload_activations"])
-    gpu = GPUS["h200"]
     p = build_plan(inputs, gpu=gpu)
     result = {"pred_allocated_gib": p.peak_allocated_gib, "pred_reserved_gib": p.peak_reserved_gib,
               "pred_nvml_gib": p.peak_nvml_gib, "pred_phase": p.peak_phase}
@@ -227,8 +235,8 @@ def predict(record: dict, *, folder: str, fp16: bool, cap: float | None) -> dict
     return result
 
 
-def predict_load(record: dict, *, folder: str, fp16: bool) -> dict:
-    p = build_plan(PlanInputs(load_shape(folder), bits=record["bits"], dtype="float16" if fp16 else "bfloat16"), gpu=GPUS["h200"])
+def predict_load(record: dict, *, folder: str, fp16: bool, gpu: GPU) -> dict:
+    p = build_plan(PlanInputs(load_shape(folder), bits=record["bits"], dtype="float16" if fp16 else "bfloat16"), gpu=gpu)
     return {"pred_allocated_gib": p.after_load_allocated_gib, "pred_nvml_gib": p.after_load_nvml_gib}
 
 
@@ -377,12 +385,13 @@ def repredict(report: dict, *, cache: Path) -> dict:
         return str(stand_in)
 
     records = [dict(report["device"], kind="device")] + report["loads"] + report["points"]
+    gpu = grid_gpu(records)
     for r in records:
         fp16 = r.get("group", "").endswith("fp16")
         if r["kind"] == "point" and r["status"] != "skipped":
-            r.update(predict(r, folder=local(r["folder"]), fp16=fp16, cap=T4_CAP_GIB if fp16 else None))
+            r.update(predict(r, folder=local(r["folder"]), fp16=fp16, cap=T4_CAP_GIB if fp16 else None, gpu=gpu))
         elif r["kind"] == "load":
-            r.update(predict_load(r, folder=local(r["folder"]), fp16=fp16))
+            r.update(predict_load(r, folder=local(r["folder"]), fp16=fp16, gpu=gpu))
     return build_report(records, settings=report["settings"])
 
 
@@ -437,12 +446,13 @@ def main_parent(args) -> int:
                 log(f"{name}: killed at its time limit")
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     groups_by_name = {g[0]: g for g in groups}
+    gpu = grid_gpu(records)
     for r in records:
         _, folder, _, fp16, cap, _, _ = groups_by_name[r["group"]]
         if r["kind"] == "point" and r["status"] != "skipped":
-            r.update(predict(r, folder=folder, fp16=fp16, cap=cap))
+            r.update(predict(r, folder=folder, fp16=fp16, cap=cap, gpu=gpu))
         elif r["kind"] == "load":
-            r.update(predict_load(r, folder=folder, fp16=fp16))
+            r.update(predict_load(r, folder=folder, fp16=fp16, gpu=gpu))
     report = build_report(records, settings={"budget_s": args.budget, "quick": args.quick, "seconds": time.time() - start,
                                     "models": folders})
     write_outputs(report, out=out)
