@@ -67,6 +67,7 @@ def log(message: str) -> None:
 def build_random(shape: str, *, folder: Path) -> None:
     """A random-weight checkpoint of `shape`, made on the GPU (seconds, not minutes on the CPU),
     saved in bf16 with the 8,000-token quotes tokenizer; in this process, which then exits."""
+    # torch and the model code only in the child processes: the parent never touches CUDA
     import torch
     import transformers
 
@@ -111,6 +112,7 @@ def model_folder(kind: str, *, spec: str, cache: Path, logfile) -> tuple[str, st
 
 def run_worker(job: dict) -> None:
     """Measure `job["points"]` of one model; one JSON line per point and per load in job["results"]."""
+    # torch and the model code only in the worker process: the parent never touches CUDA
     import gc
     from dataclasses import replace
 
@@ -321,9 +323,9 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, *, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # only where a plot is drawn: the workers do without
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot is imported: no display on the GPU machine
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
@@ -373,7 +375,7 @@ def write_outputs(report: dict, *, out: Path) -> None:
 def repredict(report: dict, *, cache: Path) -> dict:
     """The stored measurements against the planner as it is now. The planner reads config.json
     only, so a random shape's folder from the GPU machine is stood in for by its config alone."""
-    import transformers
+    import transformers  # only here: the parent of a measuring run never needs it
 
     def local(folder: str) -> str:
         if Path(folder, "config.json").is_file():

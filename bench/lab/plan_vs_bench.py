@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import transformers
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
@@ -20,8 +22,6 @@ from gemma_qlora.plan import GPUS, ModelShape, PlanInputs, build_plan  # noqa: E
 
 
 def shape_of(name: str) -> ModelShape:
-    import transformers
-
     config_class, fields = SHAPES[name]
     return ModelShape.from_config(getattr(transformers, config_class)(**fields), name=f"{name} shape")
 
