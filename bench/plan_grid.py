@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-GIB = 1024**3
+from gemma_qlora.plan import GIB, GPU, GPUS, PlanInputs, build_plan, load_shape, match_gpu  # reads config.json only: no torch, no CUDA
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # (micro-batch, sequence length, gradient checkpointing), most telling first: the default, then
@@ -66,6 +67,7 @@ def log(message: str) -> None:
 def build_random(shape: str, *, folder: Path) -> None:
     """A random-weight checkpoint of `shape`, made on the GPU (seconds, not minutes on the CPU),
     saved in bf16 with the 8,000-token quotes tokenizer; in this process, which then exits."""
+    # torch and the model code only in the child processes: the parent never touches CUDA
     import torch
     import transformers
 
@@ -110,6 +112,7 @@ def model_folder(kind: str, *, spec: str, cache: Path, logfile) -> tuple[str, st
 
 def run_worker(job: dict) -> None:
     """Measure `job["points"]` of one model; one JSON line per point and per load in job["results"]."""
+    # torch and the model code only in the worker process: the parent never touches CUDA
     import gc
     from dataclasses import replace
 
@@ -176,6 +179,7 @@ def run_worker(job: dict) -> None:
             point["setup_seconds"] = time.time() - t0
             collator = trainer.data_collator
             point["layout"] = "flat" if getattr(collator, "padding_free", False) else "rows"
+            point.update(lora_dropout=pcfg.lora_dropout, offload_activations=pcfg.offload_activations)
             gc.collect()
             empty_cache()
             t0 = time.time()
@@ -204,15 +208,27 @@ def run_worker(job: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def predict(record: dict, *, folder: str, fp16: bool, cap: float | None) -> dict:
-    """The planner's figures for one measured point, on the GPU it ran on."""
-    from gemma_qlora.plan import GPUS, PlanInputs, build_plan, load_shape
+# what a point recorded before it stored these settings ran at (the defaults of that time)
+EARLIER_SETTINGS = {"layout": "flat", "lora_dropout": 0.05, "offload_activations": False}
 
+
+def grid_gpu(records: list[dict]) -> GPU:
+    """The GPU the grid ran on, as the planner knows it (by its exact name), else planned from its
+    memory; the H200 for a run without one (the plumbing alone)."""
+    device = next((r for r in records if r["kind"] == "device"), {})
+    if not device.get("total_gib"):
+        return GPUS["h200"]
+    return match_gpu(device["gpu"], total_gib=device["total_gib"]) or GPU(device["gpu"], device["total_gib"])
+
+
+def predict(record: dict, *, folder: str, fp16: bool, cap: float | None, gpu: GPU) -> dict:
+    """The planner's figures for one measured point, at the settings it ran at, on the GPU it ran on."""
     shape = load_shape(folder)
+    record = {**EARLIER_SETTINGS, **record}
     inputs = PlanInputs(shape, bits=record["bits"], batch_size=record["batch"], max_seq_length=record["length"],
                         gradient_checkpointing=record["ckpt"], dtype="float16" if fp16 else "bfloat16",
-                        packing_layout=record.get("layout", "flat"))
-    gpu = GPUS["h200"]
+                        packing_layout=record["layout"], lora_dropout=record["lora_dropout"],
+                        offload_activations=record["offload_activations"])
     p = build_plan(inputs, gpu=gpu)
     result = {"pred_allocated_gib": p.peak_allocated_gib, "pred_reserved_gib": p.peak_reserved_gib,
               "pred_nvml_gib": p.peak_nvml_gib, "pred_phase": p.peak_phase}
@@ -221,10 +237,8 @@ def predict(record: dict, *, folder: str, fp16: bool, cap: float | None) -> dict
     return result
 
 
-def predict_load(record: dict, *, folder: str, fp16: bool) -> dict:
-    from gemma_qlora.plan import GPUS, PlanInputs, build_plan, load_shape
-
-    p = build_plan(PlanInputs(load_shape(folder), bits=record["bits"], dtype="float16" if fp16 else "bfloat16"), gpu=GPUS["h200"])
+def predict_load(record: dict, *, folder: str, fp16: bool, gpu: GPU) -> dict:
+    p = build_plan(PlanInputs(load_shape(folder), bits=record["bits"], dtype="float16" if fp16 else "bfloat16"), gpu=gpu)
     return {"pred_allocated_gib": p.after_load_allocated_gib, "pred_nvml_gib": p.after_load_nvml_gib}
 
 
@@ -309,9 +323,9 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, *, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # only where a plot is drawn: the workers do without
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot is imported: no display on the GPU machine
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
@@ -361,7 +375,7 @@ def write_outputs(report: dict, *, out: Path) -> None:
 def repredict(report: dict, *, cache: Path) -> dict:
     """The stored measurements against the planner as it is now. The planner reads config.json
     only, so a random shape's folder from the GPU machine is stood in for by its config alone."""
-    import transformers
+    import transformers  # only here: the parent of a measuring run never needs it
 
     def local(folder: str) -> str:
         if Path(folder, "config.json").is_file():
@@ -373,12 +387,13 @@ def repredict(report: dict, *, cache: Path) -> dict:
         return str(stand_in)
 
     records = [dict(report["device"], kind="device")] + report["loads"] + report["points"]
+    gpu = grid_gpu(records)
     for r in records:
         fp16 = r.get("group", "").endswith("fp16")
         if r["kind"] == "point" and r["status"] != "skipped":
-            r.update(predict(r, folder=local(r["folder"]), fp16=fp16, cap=T4_CAP_GIB if fp16 else None))
+            r.update(predict(r, folder=local(r["folder"]), fp16=fp16, cap=T4_CAP_GIB if fp16 else None, gpu=gpu))
         elif r["kind"] == "load":
-            r.update(predict_load(r, folder=local(r["folder"]), fp16=fp16))
+            r.update(predict_load(r, folder=local(r["folder"]), fp16=fp16, gpu=gpu))
     return build_report(records, settings=report["settings"])
 
 
@@ -433,12 +448,13 @@ def main_parent(args) -> int:
                 log(f"{name}: killed at its time limit")
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     groups_by_name = {g[0]: g for g in groups}
+    gpu = grid_gpu(records)
     for r in records:
         _, folder, _, fp16, cap, _, _ = groups_by_name[r["group"]]
         if r["kind"] == "point" and r["status"] != "skipped":
-            r.update(predict(r, folder=folder, fp16=fp16, cap=cap))
+            r.update(predict(r, folder=folder, fp16=fp16, cap=cap, gpu=gpu))
         elif r["kind"] == "load":
-            r.update(predict_load(r, folder=folder, fp16=fp16))
+            r.update(predict_load(r, folder=folder, fp16=fp16, gpu=gpu))
     report = build_report(records, settings={"budget_s": args.budget, "quick": args.quick, "seconds": time.time() - start,
                                     "models": folders})
     write_outputs(report, out=out)

@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import Gemma3Config
+from trl.kernels import chunked_logprob
+from trl.trainer import utils as trl_utils
 
+import gemma_qlora.plan as plan_package
+import gemma_qlora.train as recipe
 from gemma_qlora.cli import main
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.errors import UserError
@@ -25,6 +31,8 @@ from gemma_qlora.plan import (
     PlanInputs,
     build_plan,
     choose_micro_batch,
+    current_gpu,
+    fit_micro_batch,
     int8_kept_bytes,
     layer_activation_bytes,
     load_shape,
@@ -34,7 +42,8 @@ from gemma_qlora.plan import (
     plan,
     weight_bytes,
 )
-from gemma_qlora.quant import detect_precision
+from gemma_qlora.quant import Precision, detect_precision
+from gemma_qlora.trainer import out_of_memory
 
 FAMILIES = ("gemma", "gemma2", "gemma3_text")
 
@@ -185,10 +194,7 @@ def test_int8_layer_inputs_stay_past_gradient_checkpointing(tiny_model):
 
 
 def test_loss_tile_is_trls():
-    from trl.kernels import chunked_logprob
-    from trl.trainer import utils
-
-    assert (LOSS_TOKENS, LOSS_VOCAB) == (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    assert (LOSS_TOKENS, LOSS_VOCAB) == (chunked_logprob.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 
 
 def gemma_2b() -> ModelShape:
@@ -279,8 +285,6 @@ def test_choose_micro_batch_keeps_the_global_batch():
 
 
 def test_multimodal_gemma3_plans_its_language_model(tmp_path):
-    from transformers import Gemma3Config
-
     text = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=1, head_dim=16)
     Gemma3Config(text_config=text).save_pretrained(tmp_path)
@@ -319,6 +323,7 @@ def test_cli_plan_without_gpu_lists_every_gpu(tiny_model, capsys):
         (["--lora_r", "100000"], "larger than the hidden size"),
         (["--optim", "sgd"], "is not planned"),
         (["--lora_targets", "lm_head"], "--lora_targets must be among"),
+        (["--lora_dropout", "1.5"], "--lora_dropout must be at least 0 and below 1"),
     ],
 )
 def test_cli_bad_input_is_one_line(tiny_model, capsys, flags, message):
@@ -348,16 +353,70 @@ def test_gpu_names_and_sizes():
 
 def test_current_gpu_reads_the_device(monkeypatch):
     # only the device query is replaced: CI has no GPU
-    from types import SimpleNamespace
-
-    from gemma_qlora.plan import current_gpu
-
     t4 = SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30, major=7, minor=5)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: t4)
     gpu = current_gpu()
     assert (gpu.name, gpu.bf16, gpu.total_gib, gpu.workspace_mib) == ("T4", False, 15.0, 8.125)
     assert current_gpu(cap_gib=10).total_gib == 10
+
+
+def reported(name: str, gib: float, major: int, minor: int = 0) -> SimpleNamespace:
+    """A device as torch.cuda.get_device_properties reports it (names as the drivers spell them)."""
+    return SimpleNamespace(name=name, total_memory=int(gib * 2**30), major=major, minor=minor)
+
+
+@pytest.mark.parametrize(
+    "device,key",
+    [(reported("Tesla T4", 14.57, 7, 5), "t4"), (reported("NVIDIA L4", 22.05, 8, 9), "l4"),
+     (reported("NVIDIA A100-SXM4-40GB", 39.39, 8), "a100-40gb"), (reported("NVIDIA A100-PCIE-40GB", 39.39, 8), "a100-40gb"),
+     (reported("NVIDIA A100-SXM4-80GB", 79.15, 8), "a100-80gb"), (reported("NVIDIA A100 80GB PCIe", 79.15, 8), "a100-80gb"),
+     (reported("NVIDIA H100 80GB HBM3", 79.10, 9), "h100"), (reported("NVIDIA H200", 139.8, 9), "h200")],
+)
+def test_a_known_gpu_is_recognised_by_its_exact_name(monkeypatch, device, key):
+    # only the device query is replaced: CI has no GPU
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: device)
+    gpu = current_gpu()
+    entry = GPUS[key]
+    assert (gpu.name, gpu.context_gib, gpu.bf16, gpu.catalogued) == (entry.name, entry.context_gib, entry.bf16, True)
+    assert gpu.total_gib == pytest.approx(device.total_memory / 2**30)  # the memory it reports, not the list's
+
+
+@pytest.mark.parametrize(
+    "device,bf16,workspace",
+    [(reported("NVIDIA L40S", 44.39, 8, 9), True, 8.125),  # not an L4
+     (reported("NVIDIA L40", 44.39, 8, 9), True, 8.125),
+     (reported("NVIDIA GH200 480GB", 94.5, 9), True, 32.0),  # not an H200
+     (reported("Tesla V100-SXM2-16GB", 15.77, 7), False, 8.125)],
+)
+def test_an_unknown_gpu_is_planned_from_its_memory_and_said_to_be_unknown(monkeypatch, tiny_model, device, bf16, workspace):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: device)
+    gpu = current_gpu()
+    assert not gpu.catalogued and device.name in gpu.name and "not in the planner's list" in gpu.name
+    assert (gpu.total_gib, gpu.bf16, gpu.workspace_mib) == (pytest.approx(device.total_memory / 2**30), bf16, workspace)
+    assert gpu.context_gib == GPUS["h200"].context_gib  # the largest measured context, not another card's estimate
+    table = plan(tiny_model, gpu=gpu).table()
+    assert f"{gpu.name} ({gpu.total_gib:g} GiB): fits" in table and "estimated: this GPU is not in the planner's list" in table
+
+
+def test_gpu_flag_takes_exact_names_and_refuses_an_unknown_card(tiny_model, capsys):
+    assert parse_gpu("NVIDIA A100-SXM4-80GB") is GPUS["a100-80gb"] and parse_gpu("A100 40GB") is GPUS["a100-40gb"]
+    assert parse_gpu("nvidia l4") is GPUS["l4"]
+    with pytest.raises(UserError, match="comes in several sizes: give one of a100-40gb, a100-80gb"):
+        parse_gpu("a100")
+    assert main(["plan", "--model", tiny_model, "--gpu", "L40S"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Unknown GPU 'L40S'" in err and "give its memory in GiB" in err and "\n" not in err
+    assert main(["plan", "--model", tiny_model, "--gpu", "44.4"]) == 0
+
+
+def test_the_package_keeps_the_names_other_modules_import():
+    """train, trainer, the CLI, the notebooks and the bench import these from gemma_qlora.plan."""
+    used = {"PlanConfig", "run_plan", "current_gpu", "prediction_line", "fit_micro_batch", "plan_for", "GPUS", "PlanInputs",
+            "build_plan", "load_shape", "ModelShape", "GIB", "plan", "choose_micro_batch", "parse_gpu", "weight_bytes"}
+    assert used <= set(plan_package.__all__) and all(hasattr(plan_package, name) for name in plan_package.__all__)
 
 
 def test_plan_of_a_train_config(tiny_model):
@@ -371,8 +430,6 @@ def test_plan_of_a_train_config(tiny_model):
 def test_auto_batch_size_takes_the_plans_micro_batch_and_keeps_the_global_batch():
     """`--auto_batch_size` on a GPU: the micro-batch the plan predicts to fit, accumulation making
     up the rest; a micro-batch that already fits is left alone."""
-    from gemma_qlora.plan import fit_micro_batch
-
     cfg = TrainConfig(model="embedded", bits=4, batch_size=64, grad_accum=2, max_seq_length=1024, auto_batch_size=True)
     small = GPU("small", 6.0, bf16=False)
     fitted = fit_micro_batch(cfg, small)
@@ -384,8 +441,6 @@ def test_auto_batch_size_takes_the_plans_micro_batch_and_keeps_the_global_batch(
 
 
 def test_out_of_memory_advice_quotes_the_prediction(tmp_path):
-    from gemma_qlora.trainer import out_of_memory
-
     cfg = TrainConfig(model="embedded", bits=8, batch_size=64, max_seq_length=1024, offload_activations=False)
     message = str(out_of_memory(cfg, tmp_path, gpu=GPUS["t4"]))
     expected = build_plan(PlanInputs.from_train_config(cfg, shape=load_shape("embedded"), gpu=GPUS["t4"]), gpu=GPUS["t4"])
@@ -407,12 +462,6 @@ def test_offloaded_activations_leave_the_latest_layer_inputs_on_the_gpu():
 def test_a_run_on_a_gpu_with_auto_batch_size_starts_from_the_plan(tmp_path, monkeypatch, capsys):
     """`Run` on a GPU (its queries stood in for: CI has none) takes the planned micro-batch into
     its settings before anything loads, and says so."""
-    from types import SimpleNamespace
-
-    import gemma_qlora.train as recipe
-    from gemma_qlora.plan import fit_micro_batch
-    from gemma_qlora.quant import Precision
-
     small = GPU("small", 6.0, bf16=False)
     monkeypatch.setattr(recipe, "detect_precision", lambda **_: Precision("cuda", torch.float16, bf16=False, fp16=True))
     monkeypatch.setattr(recipe, "current_gpu", lambda cap=None: small)

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import transformers
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
@@ -20,10 +22,20 @@ from gemma_qlora.plan import GPUS, ModelShape, PlanInputs, build_plan  # noqa: E
 
 
 def shape_of(name: str) -> ModelShape:
-    import transformers
-
     config_class, fields = SHAPES[name]
     return ModelShape.from_config(getattr(transformers, config_class)(**fields), name=f"{name} shape")
+
+
+def ran_with(arm: dict, *, spec) -> dict:
+    """The planner's settings of a measured arm: what its record says it ran at, else its arm's
+    settings; an arm recorded without its offloading setting ran before offloading was the default."""
+    settings = {k: v for k, v in spec.settings.items() if k in PlanInputs.__dataclass_fields__}
+    settings.setdefault("offload_activations", False)
+    recorded = {"lora_dropout": arm.get("lora_dropout"), "packing_layout": arm.get("packing_layout"),
+                "offload_activations": arm.get("offload_activations")}
+    settings.update({k: v for k, v in recorded.items() if v is not None})
+    return {"bits": spec.bits, "batch_size": arm["batch_size"], "max_seq_length": arm["max_length"],
+            "dtype": "float16" if arm["precision"] == "fp16" else "bfloat16", **settings}
 
 
 def rows(path: Path) -> list[str]:
@@ -34,9 +46,7 @@ def rows(path: Path) -> list[str]:
         spec = ARMS.get(arm["arm"])
         if not spec or spec.family != "pkg" or arm.get("status") != "ok" or spec.settings.get("torch_compile"):
             continue
-        settings = {k: v for k, v in spec.settings.items() if k in PlanInputs.__dataclass_fields__}
-        inputs = PlanInputs(shape, **{"bits": spec.bits, "batch_size": arm["batch_size"], "max_seq_length": arm["max_length"],
-                                      "dtype": "float16" if arm["precision"] == "fp16" else "bfloat16", **settings})
+        inputs = PlanInputs(shape, **ran_with(arm, spec=spec))
         p = build_plan(inputs, gpu=GPUS["h200"])
         a, n = arm["allocated_peak_gib"], arm["nvml_peak_gib"]
         out.append(f"| {arm['arm']} ({path.parent.name}) | {a:.2f} / {p.peak_allocated_gib:.2f} | {p.peak_allocated_gib / a - 1:+.1%} "
@@ -45,7 +55,7 @@ def rows(path: Path) -> list[str]:
 
 
 def main(paths: list[str]) -> int:
-    print("| arm (call) | allocator peak GiB: measured / predicted | error | NVML peak GiB: measured / predicted | error |")
+    print("| arm (results folder) | allocator peak GiB: measured / predicted | error | NVML peak GiB: measured / predicted | error |")
     print("|---|---|---|---|---|")
     for path in paths:
         print("\n".join(rows(Path(path))))
