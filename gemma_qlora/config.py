@@ -7,13 +7,14 @@ Each group is a dataclass that owns its fields, their defaults, their help and t
     SequenceSettings   tokens per sequence
     QuantSettings      how the base is quantized
     LoraSettings       the adapter
-    BatchSettings      micro-batch, packing, and the levers that trade memory for speed
-    TrainingSettings   optimizer, schedule, logging, what is generated before and after
+    BatchSettings      what decides a step's memory: micro-batch, packing, checkpointing, optimizer
+    LeverSettings      what changes a step's speed only: compile, Liger, ...
+    TrainingSettings   steps, schedule, seed, logging, what is generated before and after
     HardwareSettings   attention, dtype, a GPU memory cap
     RunFolderSettings  where the run is written, resumed or replaced
 
 `TrainConfig` is all of them; the data audit (`formats.AuditConfig`) and the memory plan
-compose the groups they need, so a new field is one line in its group and every command that
+(`plan.PlanConfig`) compose the groups they need, so a new field is one line in its group and every command that
 composes the group sees it. A field marked `resume=True` is one a checkpoint depends on: a run
 continues only where it is unchanged (`rundir`). `HfArgumentParser` turns the fields into flags
 (`--bits 8`, `--lora_r 16`, ...), and `--config FILE.yaml` (or a preset's name, `PRESETS`) sets
@@ -33,6 +34,7 @@ import yaml
 
 from gemma_qlora.errors import UserError
 
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")  # text-only Gemmas; multimodal ones load their language model (model.py)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # No Gemma reads more than 131,072 positions; the loaded model's own limit is checked when it loads.
 MAX_SEQ_LENGTH = 2**20
@@ -193,6 +195,9 @@ class LoraSettings(Settings):
 
 @dataclass
 class BatchSettings(Settings):
+    """What decides a step's GPU memory besides the model: the micro-batch, packing, gradient
+    checkpointing, offloading and the optimizer (the memory plan composes this group)."""
+
     batch_size: int = setting(8, resume=True, help="Micro-batch: packed sequences per step and device.")
     grad_accum: int = setting(1, resume=True, help="Micro-batches per optimizer step.")
     packing: bool = setting(
@@ -206,6 +211,29 @@ class BatchSettings(Settings):
     gradient_checkpointing: bool = setting(
         True, help="Recompute activations in the backward pass: much less memory, some speed."
     )
+    offload_activations: bool = setting(
+        True,
+        help="Keep the activations saved for the backward (with gradient checkpointing: each layer's input) in CPU "
+             "memory, copied on a side stream (TRL's activation offloading): less GPU memory at no measured speed cost. GPU only.",
+    )
+    # LoRA's optimizer state is megabytes, so 8-bit states save nothing that matters; the fused
+    # torch AdamW also runs under FSDP2, where bitsandbytes' 8-bit optimizers fail on sharded
+    # (DTensor) parameters.
+    optim: str = setting("adamw_torch_fused", resume=True, help="Optimizer (a transformers `optim` name); the fused torch AdamW by default.")
+
+    def _problems(self) -> list[str]:
+        from transformers.training_args import OptimizerNames
+
+        problems = _positive(self, ["batch_size", "grad_accum"])
+        if self.optim not in [o.value for o in OptimizerNames]:
+            problems.append(f"--optim {self.optim!r} is not a transformers optimizer: use e.g. adamw_torch_fused, adamw_torch or paged_adamw_8bit")
+        return problems
+
+
+@dataclass
+class LeverSettings(Settings):
+    """Levers that change how fast a step runs, not what it trains."""
+
     lean_prepare: bool = setting(
         True, help="Skip PEFT's fp32 copy of frozen weights (1 GB less for Gemma 2B); false: prepare_model_for_kbit_training."
     )
@@ -218,11 +246,6 @@ class BatchSettings(Settings):
              f"compiling. Unset: on for 4-bit runs on one GPU of {COMPILE_FROM_STEPS} steps or more, where it pays back "
              "(README, Decisions); true or false to choose.",
     )
-    offload_activations: bool = setting(
-        True,
-        help="Keep the activations saved for the backward (with gradient checkpointing: each layer's input) in CPU "
-             "memory, copied on a side stream (TRL's activation offloading): less GPU memory at no measured speed cost. GPU only.",
-    )
     auto_batch_size: bool = setting(
         False,
         help="Start from the largest micro-batch the memory plan predicts to fit the GPU (the global batch kept through "
@@ -230,10 +253,9 @@ class BatchSettings(Settings):
     )
 
     def _problems(self) -> list[str]:
-        problems = _positive(self, ["batch_size", "grad_accum"])
         if self.liger_kernel and find_spec("liger_kernel") is None:
-            problems.append("--liger_kernel needs the liger-kernel package (pip install liger-kernel) and a CUDA GPU")
-        return problems
+            return ["--liger_kernel needs the liger-kernel package (pip install liger-kernel) and a CUDA GPU"]
+        return []
 
 
 @dataclass
@@ -241,10 +263,6 @@ class TrainingSettings(Settings):
     steps: int = setting(60, resume=True, help="Optimizer steps.")
     learning_rate: float = setting(2e-4, resume=True, help="Peak learning rate (cosine schedule).")
     warmup_steps: int = setting(2, resume=True, help="Linear warm-up steps.")
-    # LoRA's optimizer state is megabytes, so 8-bit states save nothing that matters; the fused
-    # torch AdamW also runs under FSDP2, where bitsandbytes' 8-bit optimizers fail on sharded
-    # (DTensor) parameters.
-    optim: str = setting("adamw_torch_fused", resume=True, help="Optimizer (a transformers `optim` name); the fused torch AdamW by default.")
     seed: int = setting(42, resume=True, help="Seed of the LoRA initialisation and the data order.")
     logging_steps: int = setting(5, help="Log the training loss every N steps.")
     eval_steps: int | None = setting(None, help="Evaluate every N steps; default steps // 4.")
@@ -254,7 +272,6 @@ class TrainingSettings(Settings):
 
     def _problems(self) -> list[str]:
         from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-        from transformers.training_args import OptimizerNames
 
         problems = _positive(self, ["steps", "logging_steps"])
         if self.eval_steps is not None and not self.eval_steps > 0:
@@ -265,8 +282,6 @@ class TrainingSettings(Settings):
             problems.append(f"--learning_rate must be a finite positive number such as 2e-4, not {self.learning_rate}")
         if not 0 <= self.seed < 2**32:
             problems.append(f"--seed must be in [0, 2**32), not {self.seed}")
-        if self.optim not in [o.value for o in OptimizerNames]:
-            problems.append(f"--optim {self.optim!r} is not a transformers optimizer: use e.g. adamw_torch_fused, adamw_torch or paged_adamw_8bit")
         reporters = [r.strip() for r in self.report_to.split(",") if r.strip()]
         unknown = [r for r in reporters if r not in ("none", "all", *INTEGRATION_TO_CALLBACK)]
         if unknown or not reporters:
@@ -318,8 +333,8 @@ class RunFolderSettings(Settings):
 
 
 @dataclass
-class TrainConfig(RunFolderSettings, HardwareSettings, TrainingSettings, BatchSettings, LoraSettings, QuantSettings,
-                  SequenceSettings, DataSettings, ModelSettings):
+class TrainConfig(RunFolderSettings, HardwareSettings, TrainingSettings, LeverSettings, BatchSettings, LoraSettings,
+                  QuantSettings, SequenceSettings, DataSettings, ModelSettings):
     """The settings of one fine-tuning run: every group (also the command line's flags)."""
 
     def _cross_problems(self) -> list[str]:

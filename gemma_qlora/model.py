@@ -15,10 +15,10 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from gemma_qlora.config import GEMMA_TYPES
 from gemma_qlora.errors import UserError
 from gemma_qlora.quant import Precision, bnb_config_for, keep_4bit_weights_trainable_on_cpu
 
-GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 # Multimodal Gemmas, of which only the language model is loaded: {model_type: its text-only class}
 MULTIMODAL_TYPES = {"gemma3": "Gemma3ForCausalLM", "gemma3n": "Gemma3nForCausalLM"}
 # Where a multimodal checkpoint keeps its language model: `language_model.model.*` in the Hub's

@@ -317,13 +317,14 @@ def test_cli_plan_without_gpu_lists_every_gpu(tiny_model, capsys):
     [
         (["--gpu", "v100"], "Unknown GPU 'v100'"),
         (["--batch_size", "0"], "--batch_size must be a positive"),
-        (["--max_seq_length", "1000000000"], "beyond any GPU"),
+        (["--max_seq_length", "1000000000"], "--max_seq_length must be at most 1,048,576 tokens"),
+        (["--batch_size", "100000", "--max_seq_length", "100000"], "beyond any GPU"),
         (["--max_seq_length", "100000"], "positions this model handles"),
-        (["--bits", "3"], "--bits must be 4, 8 or 16"),
+        (["--bits", "3"], "invalid choice: 3 (choose from 4, 8, 16)"),
         (["--lora_r", "100000"], "larger than the hidden size"),
         (["--optim", "sgd"], "is not planned"),
         (["--lora_targets", "lm_head"], "--lora_targets must be among"),
-        (["--lora_dropout", "1.5"], "--lora_dropout must be at least 0 and below 1"),
+        (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1)"),
     ],
 )
 def test_cli_bad_input_is_one_line(tiny_model, capsys, flags, message):

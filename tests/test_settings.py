@@ -100,3 +100,21 @@ def test_resume_compares_exactly_the_marked_settings(fast_cfg):
     recorded = json.loads((run_dir / "run.json").read_text())["settings"]
     assert set(recorded) == set(resume_settings(cfg)) | {"processes"}
     assert "logging_steps" not in recorded and "lora_r" in recorded and "max_seq_length" in recorded
+
+
+def test_the_plan_takes_trains_groups_and_its_arithmetic_trains_defaults():
+    """The plan's flags are train's groups; the arithmetic's own record (PlanInputs) takes only
+    names train has, with train's defaults, so that neither can drift."""
+    from gemma_qlora.config import BatchSettings, HardwareSettings, LoraSettings
+    from gemma_qlora.plan import PlanConfig, PlanInputs
+    from gemma_qlora.plan.inputs import INPUT_NAMES
+
+    for group in (ModelSettings, SequenceSettings, QuantSettings, LoraSettings, BatchSettings, HardwareSettings):
+        assert names(group) <= names(PlanConfig), group.__name__
+    train, inputs = TrainConfig(), {f.name: f for f in dataclasses.fields(PlanInputs)}
+    assert set(INPUT_NAMES) <= names(TrainConfig) and len(INPUT_NAMES) >= 14
+    for name in INPUT_NAMES:
+        default = inputs[name].default
+        expected = getattr(train, name)
+        assert (list(default) if isinstance(default, tuple) else default) == expected, name
+    assert set(PlanConfig(lora_r=4).settings()) == set(INPUT_NAMES)

@@ -3,13 +3,15 @@ derived from them that every component uses."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from gemma_qlora.config import LORA_TARGETS as TRAIN_TARGETS
 from gemma_qlora.errors import UserError
 from gemma_qlora.plan.gpus import GPU
 from gemma_qlora.plan.shapes import ModelShape
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = tuple(TRAIN_TARGETS)  # the projections the planner counts: every one train can adapt
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 MAX_TOKENS = 1 << 22  # a micro-batch beyond 4M tokens is a typo, not a plan
 
@@ -102,13 +104,16 @@ class PlanInputs:
 
     @classmethod
     def from_train_config(cls, cfg, *, shape: ModelShape, gpu: GPU | None = None) -> PlanInputs:
-        """The plan of a `TrainConfig` on `gpu` (bf16 unless the GPU lacks it or fp16 is forced)."""
+        """The plan of a `TrainConfig` (or anything with its names) on `gpu` (bf16 unless the GPU
+        lacks it or fp16 is forced): every setting the arithmetic takes, by name."""
         fp16 = bool(getattr(cfg, "force_fp16", False)) or (gpu is not None and not gpu.bf16)
+        settings = {name: getattr(cfg, name) for name in INPUT_NAMES if hasattr(cfg, name)}
         return cls(
-            shape=shape, bits=cfg.bits, batch_size=cfg.batch_size, max_seq_length=cfg.max_seq_length,
-            grad_accum=cfg.grad_accum, lora_r=cfg.lora_r, lora_dropout=cfg.lora_dropout,
-            lora_targets=tuple(cfg.lora_targets), gradient_checkpointing=cfg.gradient_checkpointing,
-            offload_activations=cfg.offload_activations, packing=cfg.packing, packing_layout=cfg.packing_layout, quant_type=cfg.quant_type, double_quant=cfg.double_quant, optim=cfg.optim,
-            dtype="float16" if fp16 else "bfloat16", attn_implementation=cfg.attn_implementation,
-            workspace_mib=gpu.workspace_mib if gpu else 32.0,
+            shape=shape, **{**settings, "lora_targets": tuple(cfg.lora_targets)},
+            dtype="float16" if fp16 else "bfloat16", workspace_mib=gpu.workspace_mib if gpu else 32.0,
         )
+
+
+# The settings a run shares with the arithmetic, by TrainConfig's names (the rest of PlanInputs is
+# the planner's own: the shape, dtype, device and cuBLAS workspace).
+INPUT_NAMES = tuple(f.name for f in dataclasses.fields(PlanInputs) if f.name not in ("shape", "dtype", "device", "workspace_mib"))

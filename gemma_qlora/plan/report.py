@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from gemma_qlora.config import BatchSettings, HardwareSettings, LoraSettings, ModelSettings, QuantSettings, SequenceSettings
 from gemma_qlora.errors import UserError
 from gemma_qlora.plan.estimate import Plan, build_plan, plan
 from gemma_qlora.plan.gpus import GPUS
-from gemma_qlora.plan.inputs import LORA_TARGETS, OPTIMIZERS
+from gemma_qlora.plan.inputs import INPUT_NAMES
 
 
 def headline(p: Plan) -> list[str]:
@@ -56,33 +57,21 @@ def format_table(p: Plan, *, markdown: bool = False) -> str:
 
 
 @dataclass
-class PlanConfig:
-    """Flags of `python -m gemma_qlora plan` (TrainConfig's names, plus the GPU)."""
+class PlanConfig(HardwareSettings, BatchSettings, LoraSettings, QuantSettings, SequenceSettings, ModelSettings):
+    """Flags of `python -m gemma_qlora plan`: train's own groups for the model, quantization,
+    LoRA, sequence, batch and hardware (so they are the same flags with the same defaults and
+    checks), plus the GPU to plan for."""
 
-    model: str = field(default="embedded", metadata={"help": "Hub id (only config.json is fetched), model folder, config.json, or 'embedded'."})
-    gpu: str | None = field(default=None, metadata={"help": f"{', '.join(GPUS)}, a device name as nvidia-smi shows it, or the GPU's memory in GiB; default: every one listed."})
-    bits: int = field(default=4, metadata={"help": "4, 8 or 16."})
-    batch_size: int = field(default=8, metadata={"help": "Micro-batch: packed sequences per step."})
-    max_seq_length: int = field(default=512, metadata={"help": "Tokens per packed sequence."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (no memory of its own)."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0 keeps no dropout copies)."})
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"help": "Adapted projections."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward pass."})
-    offload_activations: bool = field(default=True, metadata={"help": "Checkpointed layer inputs kept in CPU memory, as train's flag."})
-    packing: bool = field(default=True, metadata={"help": "Pack short examples into sequences, as train does."})
-    packing_layout: str = field(default="rows", metadata={"help": "rows: a row per packed sequence (train's default); flat: a micro-batch in one row."})
-    quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
-    double_quant: bool = field(default=True, metadata={"help": "Quantize the 4-bit scales too."})
-    optim: str = field(default="adamw_torch_fused", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})
-    dtype: str = field(default="auto", metadata={"help": "Compute dtype: auto (bfloat16, float16 on a T4), bfloat16, float16."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa or eager; default as train chooses."})
+    gpu: str | None = field(default=None, metadata={"help": f"{', '.join(GPUS)}, a device name as nvidia-smi shows it, or the GPU's memory in GiB; default: every one listed (or --gpu_memory_gib)."})
+    dtype: str = field(default="auto", metadata={"help": "Compute dtype: auto (bfloat16, float16 on a T4 or with --force_fp16), bfloat16, float16."})
     markdown: bool = field(default=False, metadata={"help": "Print the table as Markdown."})
 
     def settings(self) -> dict:
-        skip = {"model", "gpu", "markdown"}
-        out = {k: v for k, v in self.__dict__.items() if k not in skip}
-        out["lora_targets"] = tuple(t for item in self.lora_targets for t in item.split(",") if t)
+        """The settings the arithmetic takes (`PlanInputs`' fields), by name."""
+        out = {name: getattr(self, name) for name in INPUT_NAMES if hasattr(self, name)}
+        out["lora_targets"] = tuple(self.lora_targets)
+        if self.force_fp16 and self.dtype == "auto":
+            out["dtype"] = "float16"
         return out
 
 
@@ -90,4 +79,5 @@ def run_plan(cfg: PlanConfig) -> str:
     """The printed plan of `python -m gemma_qlora plan`."""
     if cfg.attn_implementation not in (None, "sdpa", "eager"):
         raise UserError(f"--attn_implementation must be sdpa or eager, not {cfg.attn_implementation!r}.")
-    return plan(cfg.model, gpu=cfg.gpu, **cfg.settings()).table(markdown=cfg.markdown)
+    gpu = cfg.gpu if cfg.gpu is not None or cfg.gpu_memory_gib is None else cfg.gpu_memory_gib
+    return plan(cfg.model, gpu=gpu, **cfg.settings()).table(markdown=cfg.markdown)

@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from gemma_qlora.config import GEMMA_TYPES
 from gemma_qlora.embedded import embedded_model_dir
 from gemma_qlora.errors import UserError
 
-GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 MULTIMODAL_TYPE = "gemma3"  # its config holds the language model's under "text_config"
 # sizes the plan reads: where present, each a whole number above zero
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
