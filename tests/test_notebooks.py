@@ -124,10 +124,9 @@ def tiny_model(tmp_path_factory):
 
 def test_notebooks_run_top_to_bottom_4bit_then_8bit(tiny_model, quotes_file, tmp_path, monkeypatch, kernel_env):
     out = tmp_path / "runs"
-    parameters = dict(
-        MODEL=tiny_model, DATA=quotes_file, STEPS=3, BATCH_SIZE=4, MAX_SEQ_LENGTH=128,
-        EVAL_SIZE=8, AUTHOR_EVAL=4, OUTPUT_DIR=str(out), CHAT_STEPS=2,
-    )
+    changes = dict(model=tiny_model, data=quotes_file, steps=3, batch_size=4, max_seq_length=128, eval_size=8,
+                   author_eval=4, logging_steps=1)
+    parameters = dict(PRESET="colab-t4", CHANGES=changes, OUTPUT_DIR=str(out), CHAT_STEPS=2)
     runs = {}
     for bits, path in ((4, FOUR_BIT), (8, EIGHT_BIT)):
         nb = execute(path, tmp_path, monkeypatch, kernel_env, **parameters)
