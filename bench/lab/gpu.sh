@@ -48,7 +48,7 @@ PY
 notebooks)  # both notebooks on the embedded Gemma, 4-bit first (the 8-bit one plots both)
   for bits in 4bit 8bit; do
     timeout 300 python3 bench/lab/run_notebook.py --figures /root/r/nb notebooks/Gemma_Finetuning_with_QLoRA_$bits.ipynb \
-      MODEL='"embedded"' DATA='"embedded"' OUTPUT_DIR='"/root/r/nbruns"' > /root/r/nb-$bits.log 2>&1 || echo "notebook $bits failed"
+      CHANGES='{"model": "embedded", "data": "embedded"}' OUTPUT_DIR='"/root/r/nbruns"' > /root/r/nb-$bits.log 2>&1 || echo "notebook $bits failed"
   done
   ;;
 quality)  # finish the quality run: ARMS (space-separated) over seeds 1 2 3, keeping the runs in /root/r/q
