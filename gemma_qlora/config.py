@@ -338,7 +338,9 @@ class TrainConfig(RunFolderSettings, HardwareSettings, TrainingSettings, LeverSe
     """The settings of one fine-tuning run: every group (also the command line's flags)."""
 
     def _cross_problems(self) -> list[str]:
-        if self.merge and self.bits != 16:
+        from gemma_qlora.quant import method_of
+
+        if self.merge and method_of(self).quantized:
             return ["--merge only applies to --bits 16 (merging into quantized weights loses the adapter's precision)"]
         return []
 
@@ -355,7 +357,9 @@ class TrainConfig(RunFolderSettings, HardwareSettings, TrainingSettings, LeverSe
             return self.torch_compile
         if processes is None:
             processes = int(os.environ.get("WORLD_SIZE", "1"))
-        return device == "cuda" and processes == 1 and self.bits == 4 and self.steps >= COMPILE_FROM_STEPS
+        from gemma_qlora.quant import method_of
+
+        return device == "cuda" and processes == 1 and method_of(self).compiles_by_default and self.steps >= COMPILE_FROM_STEPS
 
 
 def preset_names() -> list[str]:

@@ -269,7 +269,7 @@ def default_attention(model_type: str, device: str) -> str:
 def load_model(cfg, precision: Precision) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load `cfg.model` (hub id, folder or 'embedded') in `cfg.bits` with its tokenizer, the
     dtypes following `precision`. `cfg` is a `TrainConfig` (or anything with its fields)."""
-    name, bits = cfg.model, cfg.bits
+    name = cfg.model
     path = resolve_model(name)
     checked = check_model_folder(path)  # a local folder's tokenizer, loaded once by the check
     token = hf_token()
@@ -299,8 +299,8 @@ def load_model(cfg, precision: Precision) -> tuple[PreTrainedModel, PreTrainedTo
     except OSError as error:
         raise _explain_hub_error(name, error, token) from None
     model.config.use_cache = False  # training; generation turns it back on per call
-    if precision.device == "cpu" and bits == 4:
-        keep_4bit_weights_trainable_on_cpu(model)  # before any evaluation can repack them
+    if precision.device == "cpu":
+        keep_4bit_weights_trainable_on_cpu(model)  # before any evaluation can repack them (4-bit layers only)
     return model, tokenizer
 
 

@@ -1,4 +1,10 @@
-"""Quantization settings: which `BitsAndBytesConfig` and which dtypes for which hardware.
+"""Quantization: the methods that hold the frozen base, and the dtypes for the hardware.
+
+A `Method` is everything the package knows about one way of holding the base: the config
+`from_pretrained` loads it with, what the memory planner counts per projection, whether long
+runs compile it by default, and what an export of it is held to. `METHODS` lists them
+(bitsandbytes NF4, FP4 and LLM.int8, and no quantization); `method_of(cfg)` picks one from a
+run's `--bits` and `--quant_type`. Adding a method is one entry here and its tests.
 
 Dtypes are decided in one place so that the model, the LoRA compute and the trainer's
 mixed precision always agree. (The seed notebooks' `fp16=True` on a bf16 model crashes at
@@ -7,6 +13,8 @@ the first optimizer step with today's transformers/PEFT.)
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +22,6 @@ from transformers import BitsAndBytesConfig
 
 from gemma_qlora.errors import UserError
 
-ALLOWED_BITS = (4, 8, 16)
-ALLOWED_QUANT_TYPES = ("nf4", "fp4")
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,82 @@ def keep_4bit_weights_trainable_on_cpu(model) -> None:
             module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
 
 
+def _bnb_4bit(cfg, precision: Precision) -> BitsAndBytesConfig:
+    return make_bnb_config(4, compute_dtype=precision.compute_dtype, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                           quant_storage=getattr(torch, cfg.quant_storage) if cfg.quant_storage else None)
+
+
+def _bnb_int8(cfg, precision: Precision) -> BitsAndBytesConfig:
+    return make_bnb_config(8)
+
+
+def _no_quantization(cfg, precision: Precision) -> None:
+    return None
+
+
+NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes' 4-bit block, and the block of its nested (double) quantization
+
+
+def _bnb_4bit_bytes(n_in: int, n_out: int, *, double_quant: bool, act_bytes: int) -> int:
+    """Two weights per byte, one absmax per 64 weights (fp32; with double quantization uint8,
+    plus an fp32 absmax per 256 of those and an fp32 offset), and per layer its 16-entry NF4/FP4
+    code (and the 256-entry code of the nested quantization)."""
+    n = n_in * n_out
+    blocks, packed = math.ceil(n / NF4_BLOCK), (n + 1) // 2
+    if not double_quant:
+        return packed + 4 * blocks + 4 * 16
+    return packed + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 4 * 16 + 4 * 256
+
+
+def _int8_bytes(n_in: int, n_out: int, *, double_quant: bool, act_bytes: int) -> int:
+    return n_in * n_out + 4 * n_out  # one int8 a weight, an fp32 scale per output row
+
+
+def _dense_bytes(n_in: int, n_out: int, *, double_quant: bool, act_bytes: int) -> int:
+    return n_in * n_out * act_bytes
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of holding the frozen base, and what the rest of the package asks of it."""
+
+    name: str
+    bits: int
+    summary: str
+    load_config: Callable  # (cfg, precision) -> the quantization_config from_pretrained takes, or None
+    linear_bytes: Callable  # (n_in, n_out, *, double_quant, act_bytes) -> bytes one projection holds (the planner)
+    compiles_by_default: bool = False  # a long run on one GPU compiles unless told (measured faster in 4-bit only)
+    # LLM.int8 also rounds activations at inference, which no exported checkpoint carries: its
+    # exports are held to the adapter on the dequantized weights
+    rounds_activations: bool = False
+    # LLM.int8's autograd keeps each projection's input outside what checkpointing frees (the planner counts it)
+    keeps_layer_inputs: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+
+METHODS = {
+    "nf4": Method("nf4", 4, "bitsandbytes 4-bit NormalFloat (QLoRA)", _bnb_4bit, _bnb_4bit_bytes, compiles_by_default=True),
+    "fp4": Method("fp4", 4, "bitsandbytes 4-bit float", _bnb_4bit, _bnb_4bit_bytes, compiles_by_default=True),
+    "int8": Method("int8", 8, "bitsandbytes LLM.int8", _bnb_int8, _int8_bytes, rounds_activations=True, keeps_layer_inputs=True),
+    "none": Method("none", 16, "no quantization (16-bit LoRA)", _no_quantization, _dense_bytes),
+}
+ALLOWED_BITS = tuple(sorted({m.bits for m in METHODS.values()}))
+ALLOWED_QUANT_TYPES = tuple(name for name, m in METHODS.items() if m.bits == 4)
+
+
+def method_of(cfg) -> Method:
+    """The method a run's `bits` (and, in 4-bit, `quant_type`) name."""
+    check_bits(cfg.bits)
+    if cfg.bits == 4:
+        if cfg.quant_type not in ALLOWED_QUANT_TYPES:
+            raise UserError(f"--quant_type {cfg.quant_type!r} is not supported: choose one of {', '.join(ALLOWED_QUANT_TYPES)}.")
+        return METHODS[cfg.quant_type]
+    return next(m for m in METHODS.values() if m.bits == cfg.bits)
+
+
 def check_bits(bits: int) -> int:
     if bits not in ALLOWED_BITS:
         raise UserError(f"--bits {bits!r} is not supported: choose 4 (NF4/FP4 QLoRA), 8 (LLM.int8) or 16 (no quantization).")
@@ -88,13 +170,7 @@ def check_bits(bits: int) -> int:
 
 def bnb_config_for(cfg, precision: Precision) -> BitsAndBytesConfig | None:
     """The quantization a run's settings ask for, in the compute dtype of its hardware."""
-    return make_bnb_config(
-        cfg.bits,
-        compute_dtype=precision.compute_dtype,
-        quant_type=cfg.quant_type,
-        double_quant=cfg.double_quant,
-        quant_storage=getattr(torch, cfg.quant_storage) if cfg.quant_storage else None,
-    )
+    return method_of(cfg).load_config(cfg, precision)
 
 
 def make_bnb_config(

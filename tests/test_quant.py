@@ -56,3 +56,23 @@ def test_t4_gets_fp16_and_ampere_gets_bf16(monkeypatch):
     hopper = detect_precision("cuda")
     assert (hopper.compute_dtype, hopper.bf16, hopper.fp16) == (torch.bfloat16, True, False)
     assert detect_precision("cuda", force_fp16=True).compute_dtype == torch.float16
+
+
+def test_each_method_says_what_the_package_asks_of_it():
+    """One entry per method: the load config, the planner's bytes, compile and export behaviour."""
+    from types import SimpleNamespace
+
+    from gemma_qlora.config import TrainConfig
+    from gemma_qlora.quant import METHODS, method_of
+
+    assert [method_of(SimpleNamespace(bits=b, quant_type=q)).name for b, q in ((4, "nf4"), (4, "fp4"), (8, "nf4"), (16, "fp4"))] == [
+        "nf4", "fp4", "int8", "none"]
+    precision = detect_precision("cpu")
+    for name, method in METHODS.items():
+        cfg = TrainConfig(bits=method.bits, quant_type=name if method.bits == 4 else "nf4")
+        config = method.load_config(cfg, precision)
+        assert (config is None) == (not method.quantized), name
+        assert TrainConfig(bits=method.bits, steps=1000).compiles("cuda", processes=1) == method.compiles_by_default
+        # a projection's bytes: about bits/8 a weight, plus scales
+        assert method.bits / 8 <= method.linear_bytes(1024, 1024, double_quant=True, act_bytes=2) / 1024**2 < method.bits / 8 * 1.07
+    assert [m.name for m in METHODS.values() if m.rounds_activations] == ["int8"]

@@ -31,8 +31,6 @@ from gemma_qlora.plan.inputs import LORA_TARGETS, MAX_TOKENS, OPTIMIZERS, PlanIn
 from gemma_qlora.plan.memory import (
     LOSS_TOKENS,
     LOSS_VOCAB,
-    NESTED_BLOCK,
-    NF4_BLOCK,
     OFFLOAD_STASH,
     backward_transient_bytes,
     int8_kept_bytes,
@@ -51,7 +49,7 @@ from gemma_qlora.plan.shapes import GEMMA_TYPES, ModelShape, check_config, check
 
 __all__ = [
     "GEMMA_TYPES", "GIB", "GPU", "GPUS", "HEADROOM", "INT8_EXTRA", "LOAD_SLACK_GIB", "LORA_TARGETS", "LOSS_TOKENS",
-    "LOSS_VOCAB", "MAX_TOKENS", "NESTED_BLOCK", "NF4_BLOCK", "OFFLOAD_STASH", "OPTIMIZERS", "ModelShape", "Plan",
+    "LOSS_VOCAB", "MAX_TOKENS", "OFFLOAD_STASH", "OPTIMIZERS", "ModelShape", "Plan",
     "PlanConfig", "PlanInputs", "backward_transient_bytes", "build_plan", "check_config", "check_fields", "choose_micro_batch",
     "current_gpu", "device_gpu", "fit_micro_batch", "format_table", "gpu_in_use", "headline", "int8_kept_bytes",
     "largest_micro_batch", "layer_activation_bytes", "load_shape", "lora_parameters", "lora_tensors", "loss_bytes",

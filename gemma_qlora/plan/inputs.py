@@ -44,7 +44,7 @@ class PlanInputs:
 
     def __post_init__(self):
         problems = []
-        if self.bits not in (4, 8, 16):
+        if self.bits not in (4, 8, 16):  # quant.ALLOWED_BITS, without importing torch before the checks
             problems.append(f"--bits must be 4, 8 or 16, not {self.bits}")
         for name in ("batch_size", "max_seq_length", "grad_accum", "lora_r"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -73,6 +73,13 @@ class PlanInputs:
         if problems:
             raise UserError("; ".join(problems) + ".")
 
+    @property
+    def method(self):
+        """The quantization method (`quant.METHODS`) these settings name."""
+        from gemma_qlora.quant import method_of  # torch, imported once the settings have passed their checks
+
+        return method_of(self)
+
     # derived sizes
     @property
     def act_bytes(self) -> int:
@@ -82,7 +89,7 @@ class PlanInputs:
     def lora_bytes(self) -> int:
         """TRL casts a quantized model's LoRA to bf16; PEFT keeps it fp32 on 16-bit models, and the
         package keeps it fp32 wherever compute is not bf16 (train.make_trainer)."""
-        return 2 if self.bits in (4, 8) and self.dtype == "bfloat16" else 4
+        return 2 if self.method.quantized and self.dtype == "bfloat16" else 4
 
     @property
     def tokens(self) -> int:

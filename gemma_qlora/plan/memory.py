@@ -12,8 +12,6 @@ import math
 from gemma_qlora.plan.inputs import PlanInputs
 
 # From the libraries' code.
-NF4_BLOCK = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
-NESTED_BLOCK = 256  # double quantization: absmax themselves quantized in blocks of 256
 LOSS_TOKENS, LOSS_VOCAB = 4096, 32768  # trl.kernels.chunked_logprob: logits tile of the fused loss
 # TRL's activation offloading keeps this many of the latest saved tensors on the GPU while the
 # forward runs (get_act_offloading_ctx_manager's max_fwd_stash_size), so that copies overlap compute
@@ -21,23 +19,8 @@ OFFLOAD_STASH = 5
 
 
 def quantized_linear_bytes(inputs: PlanInputs, *, n_in: int, n_out: int) -> int:
-    """One projection as bitsandbytes stores it.
-
-    4-bit: two weights per byte, one absmax per 64 weights (fp32; with double quantization
-    uint8, plus an fp32 absmax per 256 of those and an fp32 offset), and per layer its 16-entry
-    NF4/FP4 code (and the 256-entry code of the nested quantization). 8-bit (LLM.int8): one int8
-    per weight and an fp32 scale per output row. 16-bit: the compute dtype.
-    """
-    n = n_in * n_out
-    if inputs.bits == 16:
-        return n * inputs.act_bytes
-    if inputs.bits == 8:
-        return n + 4 * n_out
-    blocks = math.ceil(n / NF4_BLOCK)
-    packed = (n + 1) // 2
-    if not inputs.double_quant:
-        return packed + 4 * blocks + 4 * 16
-    return packed + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 4 * 16 + 4 * 256
+    """One projection as the run's quantization method stores it (`quant.Method.linear_bytes`)."""
+    return inputs.method.linear_bytes(n_in, n_out, double_quant=inputs.double_quant, act_bytes=inputs.act_bytes)
 
 
 def weight_bytes(inputs: PlanInputs) -> dict[str, int]:
@@ -133,7 +116,7 @@ def int8_kept_bytes(inputs: PlanInputs) -> int:
     """LLM.int8 keeps each projection's input on its autograd context (ctx.tensors), outside the
     saved tensors that gradient checkpointing frees: per layer the normed input of attention
     (shared by q, k, v) and of the MLP (gate, up), the attention output, the MLP product."""
-    if inputs.bits != 8:
+    if not inputs.method.keeps_layer_inputs:
         return 0
     s = inputs.shape
     q = s.num_heads * s.head_dim
@@ -153,10 +136,10 @@ def backward_transient_bytes(inputs: PlanInputs) -> int:
     s, a = inputs.shape, inputs.act_bytes
     m = 1 if inputs.device == "cuda" else a
     i = s.intermediate_size
-    cast = inputs.bits == 16 and inputs.lora_bytes == 4 and a != 4
+    cast = not inputs.method.quantized and inputs.lora_bytes == 4 and a != 4
     per_token = (a + 8) * i if cast else (2 * a - m) * i
     per_token += 2 * a * s.hidden_size
-    dequant = 0 if inputs.bits == 16 else a * max(x * y for x, y in s.linears().values())
+    dequant = a * max(x * y for x, y in s.linears().values()) if inputs.method.quantized else 0
     return inputs.tokens * per_token + dequant
 
 
