@@ -119,7 +119,7 @@ def run_worker(job: dict) -> None:
     import torch
 
     from gemma_qlora.config import TrainConfig
-    from gemma_qlora.data import load_quotes
+    from gemma_qlora.formats import load_examples
     from gemma_qlora.lora import attach_lora
     from gemma_qlora.memory import MemoryRecorder
     from gemma_qlora.model import load_model
@@ -140,7 +140,7 @@ def run_worker(job: dict) -> None:
     work = Path(job["work"])
     base = TrainConfig(model=job["folder"], data="embedded", steps=2, eval_size=8, eval_steps=1000, logging_steps=1,
                        warmup_steps=0, max_train_examples=2500, force_fp16=fp16, output_dir=str(work), report_to="none")
-    data = load_quotes("embedded", eval_size=8, max_train_examples=2500)
+    data = load_examples(TrainConfig(data="embedded", eval_size=8, max_train_examples=2500))
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         emit({"kind": "device", "gpu": props.name, "total_gib": props.total_memory / GIB, "torch": torch.__version__,

@@ -30,7 +30,8 @@ def quote_prompt(quote: str) -> str:
 FILE_FORMATS = {".json": ("json", "JSON"), ".jsonl": ("json", "JSON Lines"), ".csv": ("csv", "CSV"), ".parquet": ("parquet", "Parquet")}
 
 
-def _read(name: str) -> Dataset:
+def read_data(name: str) -> Dataset:
+    """`--data` as one dataset: the embedded quotes, a local file or folder, or a Hub dataset."""
     if name == "embedded":
         from gemma_qlora.fortunes import load_fortunes
 
@@ -203,65 +204,3 @@ def write_quotes_as_chat(data: DatasetDict, path: str | Path) -> Path:
     rows = [quote_conversation(q, a) for split in data.values() for q, a in zip(split["quote"], split["author"])]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-def load_quotes(
-    name: str,
-    *,
-    quote_column: str = "quote",
-    author_column: str = "author",
-    eval_size: int = 200,
-    max_train_examples: int | None = None,
-) -> DatasetDict:
-    """Records with `quote` and `author`, split into `train` and a fixed held-out `test`."""
-    data = _read(name)
-    missing = [c for c in (quote_column, author_column) if c not in data.column_names]
-    if missing:
-        raise UserError(
-            f"Dataset {name} has no column {', '.join(map(repr, missing))} (it has {data.column_names}): "
-            "use --quote_column/--author_column to name the right ones."
-        )
-    data = data.select_columns([quote_column, author_column])
-    if (quote_column, author_column) != ("quote", "author"):
-        data = data.rename_columns({quote_column: "quote", author_column: "author"})
-    data = data.filter(lambda r: bool(r["quote"] and r["author"] and r["quote"].strip() and r["author"].strip()))
-    if len(data) < 2:
-        raise UserError(f"Dataset {name} has {len(data)} usable quote/author rows: it needs at least 2 (one to train, one to evaluate).")
-    eval_size = min(eval_size, max(1, len(data) // 5))
-    split = data.train_test_split(test_size=eval_size, seed=EVAL_SPLIT_SEED)
-    if max_train_examples:
-        split["train"] = split["train"].select(range(min(max_train_examples, len(split["train"]))))
-    return split
-
-
-def load_examples(cfg) -> DatasetDict:
-    """`cfg.data` in its format (quote/author, text, prompt/completion or messages: see
-    `gemma_qlora.formats`), the format's columns under their usual names, split into `train` and
-    a fixed held-out `test` as `load_quotes` splits quotes. `cfg` is a `TrainConfig` (or anything
-    with its data fields)."""
-    from gemma_qlora.formats import detect_format, select_format
-
-    data = _read(cfg.data)
-    data = select_format(data, detect_format(data, cfg, cfg.data), cfg, cfg.data)
-    if len(data) < 2:
-        raise UserError(f"Dataset {cfg.data} has {len(data)} usable examples: it needs at least 2 (one to train, one to evaluate).")
-    eval_size = min(cfg.eval_size, max(1, len(data) // 5))
-    split = data.train_test_split(test_size=eval_size, seed=EVAL_SPLIT_SEED)
-    if cfg.max_train_examples:
-        split["train"] = split["train"].select(range(min(cfg.max_train_examples, len(split["train"]))))
-    return split
-
-
-def to_text(data: Dataset, eos_token: str) -> Dataset:
-    """The one `text` column SFTTrainer trains on."""
-    return data.map(lambda r: {"text": format_quote(r["quote"], r["author"], eos_token)}, remove_columns=data.column_names)
-
-
-def check_fits(texts: Dataset, tokenizer, max_seq_length: int) -> None:
-    """Refuse a dataset none of whose examples fits the sequence length."""
-    lengths = [len(ids) for ids in tokenizer(texts["text"][:1000])["input_ids"]]
-    if min(lengths) > max_seq_length:
-        raise UserError(
-            f"Every example is longer than --max_seq_length {max_seq_length} tokens (shortest: {min(lengths)}): "
-            "raise --max_seq_length or use shorter texts."
-        )

@@ -30,6 +30,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 
 from gemma_qlora.config import DataSettings, ModelSettings, SequenceSettings, setting
+from gemma_qlora.data import EVAL_SPLIT_SEED, format_quote, read_data
 from gemma_qlora.errors import UserError
 
 FORMATS = ("quote", "text", "prompt_completion", "messages")
@@ -248,8 +249,6 @@ def _encoder(tokenizer, fmt: str):
             labels = [-100] * start + ids[start:]
         else:
             if fmt == "quote":
-                from gemma_qlora.data import format_quote
-
                 text = format_quote(example["quote"], example["author"], eos)
             else:
                 text = with_eos(example["text"])
@@ -297,12 +296,25 @@ def encode_splits(data: DatasetDict, tokenizer, *, max_length: int) -> tuple[Dat
     return DatasetDict(out), counts
 
 
+def load_examples(cfg) -> DatasetDict:
+    """`cfg.data` in its format, the format's columns under their usual names (`select_format`),
+    split into `train` and a held-out `test` that stays the same whatever the training seed.
+    `cfg` is a `TrainConfig` (or anything with its data fields)."""
+    data = read_data(cfg.data)
+    data = select_format(data, detect_format(data, cfg, cfg.data), cfg, cfg.data)
+    if len(data) < 2:
+        raise UserError(f"Dataset {cfg.data} has {len(data)} usable examples: it needs at least 2 (one to train, one to evaluate).")
+    eval_size = min(cfg.eval_size, max(1, len(data) // 5))
+    split = data.train_test_split(test_size=eval_size, seed=EVAL_SPLIT_SEED)
+    if cfg.max_train_examples:
+        split["train"] = split["train"].select(range(min(cfg.max_train_examples, len(split["train"]))))
+    return split
+
+
 def encoded_examples(cfg) -> tuple[DatasetDict, dict[str, Counts], object]:
     """`cfg.data` read, split and encoded with the model's tokenizer (chat template as `cfg`
     asks): the examples a run trains and evaluates on, its counts, and that tokenizer. Reads no
     weights, so bad data is said before a model loads."""
-    from gemma_qlora.data import load_examples
-
     data = load_examples(cfg)
     tokenizer = load_tokenizer(cfg.model)
     use_chat_template(tokenizer, cfg)

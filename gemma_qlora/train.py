@@ -273,6 +273,17 @@ class Run:
         elif self.cfg.author_eval and self.format == "quote":
             self.say("no held-out quote is by an author the training split has seen: author accuracy skipped")
 
+    def all_steps(self) -> dict:
+        """Every step of `STEPS`, in order; the metrics ({} on ranks other than 0)."""
+        self.load()
+        self.generate_before()
+        self.prepare()
+        self.evaluate_before()
+        self.train()
+        self.evaluate_after()
+        self.generate_after()
+        return self.save()
+
     def save(self) -> dict:
         """The adapter, generations.json and metrics.json (rank 0), only from finite weights and
         losses; stops the memory recorder and lets go of the run folder."""
@@ -390,7 +401,4 @@ class FiniteGuard(TrainerCallback):
 
 def train(cfg: TrainConfig) -> dict:
     """Run every step and return the metrics (also in metrics.json); {} on ranks other than 0."""
-    run = Run(cfg)
-    for step in STEPS:
-        getattr(run, step)()
-    return run.metrics if run.main else {}
+    return Run(cfg).all_steps()

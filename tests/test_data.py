@@ -5,8 +5,19 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from gemma_qlora.data import check_fits, format_quote, load_quotes, to_text
+from gemma_qlora.config import TrainConfig
+from gemma_qlora.data import format_quote
 from gemma_qlora.errors import UserError
+from gemma_qlora.formats import load_examples
+
+
+def load_quotes(data, **settings):
+    return load_examples(TrainConfig(data=data, data_format="quote", **settings))
+
+
+def to_text(data: Dataset, eos_token: str) -> Dataset:
+    """The formatted text alone, as a plain TRL user trains on it."""
+    return data.map(lambda r: {"text": format_quote(r["quote"], r["author"], eos_token)}, remove_columns=data.column_names)
 
 
 def test_format():
@@ -69,7 +80,7 @@ def test_missing_columns_named(tmp_path):
 def test_configured_columns(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"q{i}", "who": "b"} for i in range(10)])
     data = load_quotes(path, quote_column="text", author_column="who", eval_size=2)
-    assert data["train"].column_names == ["quote", "author"]
+    assert data["train"].column_names == ["quote", "author", "row"]
 
 
 def test_empty_dataset(tmp_path):
@@ -84,7 +95,9 @@ def test_missing_file(tmp_path):
 
 
 def test_all_examples_too_long(tiny_model):
+    from gemma_qlora.formats import encode_split
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     texts = Dataset.from_dict({"text": ["word " * 200] * 3})
     with pytest.raises(UserError, match="longer than --max_seq_length 16"):
-        check_fits(texts, tokenizer, 16)
+        encode_split(texts, tokenizer, max_length=16)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from gemma_qlora.data import PROMPTS, load_quotes
+from gemma_qlora.data import PROMPTS
+from gemma_qlora.formats import load_examples
 from gemma_qlora.evaluate import generate
 from gemma_qlora.lora import attach_lora
 from gemma_qlora.model import load_model
@@ -24,7 +25,7 @@ def test_embedded_gemma_in_4bit_generates_and_learns(tmp_path):
 
     cfg = TrainConfig(model="embedded", data="embedded", steps=4, batch_size=1, max_seq_length=64, eval_size=8,
                       max_train_examples=8, learning_rate=1e-3, output_dir=str(tmp_path), packing=False)
-    quotes = load_quotes("embedded", eval_size=8, max_train_examples=8)
+    quotes = load_examples(cfg)
     quotes["test"] = quotes["train"]  # a few steps on 8 quotes must lower the loss on those quotes
     trainer = make_trainer(cfg, attach_lora(model, cfg), tokenizer, quotes, precision=cpu, output_dir=tmp_path)
     before = trainer.evaluate()["eval_loss"]

@@ -3,8 +3,9 @@ import math
 import torch
 from torch import nn
 
-from gemma_qlora.data import load_quotes
+from gemma_qlora.config import TrainConfig
 from gemma_qlora.evaluate import attributable, author_accuracy, normalize_name, weight_quant_error
+from gemma_qlora.formats import load_examples
 from gemma_qlora.model import load_model
 from gemma_qlora.quant import detect_precision
 from gemma_qlora.trainer import make_trainer
@@ -17,7 +18,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(fast_cfg, tmp_path
     model, tokenizer = load_model(cfg, CPU)
     with torch.no_grad():
         model.lm_head.weight.zero_()  # tied to the embeddings: every logit is 0, so p = 1 / vocab
-    quotes = load_quotes(cfg.data, eval_size=8)
+    quotes = load_examples(cfg)
     loss = make_trainer(cfg, model, tokenizer, quotes, precision=CPU, output_dir=tmp_path).evaluate()["eval_loss"]
     assert math.exp(loss) == __import__("pytest").approx(model.config.vocab_size, rel=1e-4)
 
@@ -46,7 +47,7 @@ def test_author_accuracy_is_one_for_the_right_author_and_zero_otherwise(tiny_mod
     from gemma_qlora.data import quote_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    records = list(load_quotes(quotes_file, eval_size=8)["test"])
+    records = list(load_examples(TrainConfig(data=quotes_file, eval_size=8))["test"])
     right = Oracle(tokenizer, {quote_prompt(r["quote"]): r["author"].upper() + "  " for r in records})
     assert author_accuracy(right, tokenizer, records, batch_size=3)["accuracy"] == 1.0
     wrong = Oracle(tokenizer, {quote_prompt(r["quote"]): "Nobody" for r in records})

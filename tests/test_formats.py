@@ -10,8 +10,8 @@ import torch
 
 from gemma_qlora.cli import main
 from gemma_qlora.config import TrainConfig
-from gemma_qlora.data import load_examples
 from gemma_qlora.errors import UserError
+from gemma_qlora.formats import load_examples
 from gemma_qlora.fortunes import load_fortunes
 from gemma_qlora.quant import detect_precision
 from gemma_qlora.tiny import GEMMA3_CHAT_TEMPLATE, build_chat_tokenizer, save_gemma3_multimodal
@@ -171,8 +171,8 @@ def load_rows(rows):
 def test_quote_format_trains_what_it_trained_before(records, tokenizer, tmp_path):
     """Quote data: the same token ids and trained tokens as TRL's own tokenization of the
     formatted text, as the recipe trained before the formats existed."""
-    from gemma_qlora.data import to_text
     from gemma_qlora.formats import encode_split
+    from test_data import to_text
 
     quotes = load_rows(records)
     encoded, _ = encode_split(quotes, tokenizer, max_length=512)

@@ -154,7 +154,7 @@ def test_merge_only_for_16bit():
 def test_lora_weights_stay_fp32_where_compute_is_not_bf16(fast_cfg, tmp_path):
     """TRL casts a quantized model's LoRA weights to bf16; fp16 AMP (a T4) then crashes at the
     first optimizer step, so the package keeps them fp32 unless compute is bf16."""
-    from gemma_qlora.data import load_quotes
+    from gemma_qlora.formats import load_examples
     from gemma_qlora.lora import attach_lora
     from gemma_qlora.model import load_model
     from gemma_qlora.quant import detect_precision
@@ -163,7 +163,7 @@ def test_lora_weights_stay_fp32_where_compute_is_not_bf16(fast_cfg, tmp_path):
     cfg = fast_cfg()
     cpu = detect_precision("cpu")
     model, tokenizer = load_model(cfg, cpu)
-    trainer = make_trainer(cfg, attach_lora(model, cfg), tokenizer, load_quotes(cfg.data, eval_size=8), precision=cpu, output_dir=tmp_path)
+    trainer = make_trainer(cfg, attach_lora(model, cfg), tokenizer, load_examples(cfg), precision=cpu, output_dir=tmp_path)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
 
@@ -223,7 +223,7 @@ def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fa
     generation afterwards runs eager, compiling nothing more."""
     from torch._dynamo.utils import counters
 
-    from gemma_qlora.data import load_quotes
+    from gemma_qlora.formats import load_examples
     from gemma_qlora.evaluate import generate
     from gemma_qlora.lora import attach_lora
     from gemma_qlora.model import load_model
@@ -233,7 +233,7 @@ def test_torch_compile_compiles_the_parts_of_each_layer_inside_its_checkpoint(fa
     cfg = fast_cfg(steps=2, torch_compile=True)
     precision = detect_precision()
     model, tokenizer = load_model(cfg, precision)
-    trainer = make_trainer(cfg, attach_lora(model, cfg), tokenizer, load_quotes(cfg.data, eval_size=cfg.eval_size), precision=precision, output_dir=tmp_path)
+    trainer = make_trainer(cfg, attach_lora(model, cfg), tokenizer, load_examples(cfg), precision=precision, output_dir=tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
     assert tuple(batch["input_ids"].shape) == (cfg.batch_size, cfg.max_seq_length)
     output = trainer.train()
@@ -314,3 +314,13 @@ def test_fsdp_config_ships_with_the_package_and_follows_the_qlora_recipe():
     assert not fsdp["fsdp_cpu_ram_efficient_loading"]  # load_model places each copy on its LOCAL_RANK GPU
     assert fsdp["fsdp_version"] == 2  # FSDP2: ran on the GPUs with the default fused AdamW
     assert config.mixed_precision == "no"  # the package's dtype choice (bf16, or fp16 on a T4) decides
+
+
+def test_all_steps_runs_the_recipe_in_order(monkeypatch):
+    """`train()` and the notebooks' chat section call `Run.all_steps`, which names each step."""
+    from gemma_qlora.train import STEPS, Run
+
+    called = []
+    for step in STEPS:
+        monkeypatch.setattr(Run, step, lambda self, step=step: called.append(step) or {"step": step})
+    assert Run.all_steps(object.__new__(Run)) == {"step": "save"} and called == list(STEPS)

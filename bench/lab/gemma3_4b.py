@@ -81,7 +81,7 @@ def arm(name: str, folder: str, data: str, *, steps: int, batch_size: int) -> di
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
     from gemma_qlora.config import TrainConfig
-    from gemma_qlora.data import load_examples
+    from gemma_qlora.formats import load_examples
     from gemma_qlora.lora import attach_lora, parameter_counts
     from gemma_qlora.model import default_attention, load_model
     from gemma_qlora.quant import bnb_config_for, cap_gpu_memory, detect_precision
