@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
 
     datasets.disable_progress_bars()  # a bar per map/filter of a few thousand rows is noise here
-    try:
+    try:  # each command imports its module here, so that --help and a bad flag answer at once
         if command == "train":
             from gemma_qlora.config import TrainConfig
             from gemma_qlora.train import train

@@ -23,8 +23,12 @@ import matplotlib.pyplot as plt
 import torch
 
 from gemma_qlora.config import TrainConfig, read_settings_file
+from gemma_qlora.embedded import embedded_model_dir
 from gemma_qlora.errors import UserError
+from gemma_qlora.evaluate import weight_quant_error
+from gemma_qlora.model import load_model
 from gemma_qlora.plots import FIGURES, save_all
+from gemma_qlora.quant import detect_precision
 
 # arm name -> the settings that differ from the shared ones
 ARMS = {
@@ -149,8 +153,6 @@ def compare(cfg: CompareConfig) -> dict:
     except OSError as error:
         raise UserError(f"Cannot write to {out} ({error.strerror}): choose another --output_dir.") from None
     if cfg.model == "embedded":  # materialise once here, not in every arm
-        from gemma_qlora.embedded import embedded_model_dir
-
         embedded_model_dir()
     jobs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]  # arms interleaved within each seed
     started = time.perf_counter()
@@ -255,9 +257,5 @@ def read_metrics(path: Path) -> tuple[dict | None, str | None]:
 
 def measure_quant_error(model: str) -> dict[str, float]:
     """Relative weight error of each scheme on the unquantized model's decoder linears."""
-    from gemma_qlora.evaluate import weight_quant_error
-    from gemma_qlora.model import load_model
-    from gemma_qlora.quant import detect_precision
-
     base, _ = load_model(TrainConfig(model=model, bits=16), detect_precision("cpu"))
     return weight_quant_error(base)

@@ -19,6 +19,10 @@ composes the group sees it. A field marked `resume=True` is one a checkpoint dep
 continues only where it is unchanged (`rundir`). `HfArgumentParser` turns the fields into flags
 (`--bits 8`, `--lora_r 16`, ...), and `--config FILE.yaml` (or a preset's name, `PRESETS`) sets
 them from a file, flags overriding.
+
+The checks import transformers and `quant` (torch) inside the functions that need them: the
+command line reads these settings before it knows which command runs, and `--help` or a bad
+flag should not wait for torch.
 """
 
 from __future__ import annotations

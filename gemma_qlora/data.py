@@ -7,11 +7,16 @@ ignored their formatting function and the authors never reached the labels.)
 
 from __future__ import annotations
 
+import codecs
+import json
+import logging
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from gemma_qlora.errors import UserError
+from gemma_qlora.fortunes import load_fortunes
+from gemma_qlora.model import hf_token
 
 EVAL_SPLIT_SEED = 1234  # the held-out split stays the same whatever the training seed
 PROMPTS = ["Quote: Imagination is more", "Quote: Outside of a dog, a book is man's"]
@@ -33,8 +38,6 @@ FILE_FORMATS = {".json": ("json", "JSON"), ".jsonl": ("json", "JSON Lines"), ".c
 def read_data(name: str) -> Dataset:
     """`--data` as one dataset: the embedded quotes, a local file or folder, or a Hub dataset."""
     if name == "embedded":
-        from gemma_qlora.fortunes import load_fortunes
-
         return Dataset.from_list(load_fortunes())
     path = Path(name).expanduser()
     if path.suffix.lower() in FILE_FORMATS:
@@ -48,8 +51,6 @@ def read_data(name: str) -> Dataset:
                         f"give a {', '.join(FILE_FORMATS)} file.")
     if name.startswith((".", "/", "~")):
         raise UserError(f"Data path {name} does not exist.")
-    from gemma_qlora.model import hf_token
-
     try:
         return load_dataset(name, split="train", token=hf_token())
     except Exception as error:  # datasets raises many types for a missing/unreachable dataset
@@ -102,8 +103,6 @@ def _shape(builder: str) -> str:
 def _text_rows(path: Path, what: str) -> int:
     """Non-blank lines (counted up to 2) of a text file that must be UTF-8: anything else is
     refused here with where it stops being UTF-8 (datasets would decode some rows and fail later)."""
-    import codecs
-
     decoder, rows, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 0, 1
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -129,8 +128,6 @@ def _text_rows(path: Path, what: str) -> int:
 
 def _bad_json_line(path: Path) -> str | None:
     """The first line of a JSON Lines file that is not a JSON object, said the way a user finds it."""
-    import json
-
     lines = path.read_text(encoding="utf-8").splitlines()
     last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
     for i, ln in enumerate(lines):
@@ -158,8 +155,6 @@ class _quiet_datasets:
     """datasets logs its own error line before raising; the one-line message here says it better."""
 
     def __enter__(self):
-        import logging
-
         self.logger = logging.getLogger("datasets")
         self.level = self.logger.level
         self.logger.setLevel(logging.CRITICAL)
@@ -197,8 +192,6 @@ def quote_conversation(quote: str, author: str) -> dict:
 def write_quotes_as_chat(data: DatasetDict, path: str | Path) -> Path:
     """Every quote of `data`'s splits as a chat example, one JSON line each (the `messages`
     format of `gemma_qlora.formats`); returns the file."""
-    import json
-
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [quote_conversation(q, a) for split in data.values() for q, a in zip(split["quote"], split["author"])]

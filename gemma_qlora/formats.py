@@ -28,10 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
+from jinja2 import TemplateError
+from transformers import AutoTokenizer
+from trl.chat_template_utils import (
+    gemma3_chat_template,
+    get_training_chat_template,
+    has_generation_markers,
+    is_chat_template_stop_token_trained,
+)
+from trl.data_utils import common_prefix_length, maybe_convert_to_chatml
 
 from gemma_qlora.config import DataSettings, ModelSettings, SequenceSettings, setting
 from gemma_qlora.data import EVAL_SPLIT_SEED, format_quote, read_data
 from gemma_qlora.errors import UserError
+from gemma_qlora.model import _explain_hub_error, check_model_folder, hf_token, resolve_model
 
 FORMATS = ("quote", "text", "prompt_completion", "messages")
 COLUMNS = {"quote": ("quote", "author"), "text": ("text",), "prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
@@ -103,8 +113,6 @@ def _text(content, row: int) -> str:
 def _conversation(messages, row: int) -> list[dict]:
     """One conversation as [{role, content}] with text content; the roles are left to the chat
     template to accept or refuse, but Gemma's "model" is the assistant, and an answer is needed."""
-    from trl.data_utils import maybe_convert_to_chatml
-
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise UserError(f"Row {row}: messages must be a non-empty list of {{role, content}}, not {str(messages)[:60]!r}.")
     messages = maybe_convert_to_chatml({"messages": messages})["messages"]  # ShareGPT's from/value, as TRL reads them
@@ -158,8 +166,6 @@ def use_chat_template(tokenizer, cfg) -> None:
     """Give `tokenizer` the chat template `cfg.chat_template` names: 'gemma3' (Gemma 3's own) or
     a .jinja file; by default it keeps its own. The embedded Gemma 3 270M gets Gemma 3's: Google
     ships that model with it, but the GGUF the embedded copy comes from left it out."""
-    from trl.chat_template_utils import gemma3_chat_template
-
     choice = cfg.chat_template
     if choice is None and cfg.model == "embedded" and not tokenizer.chat_template:
         choice = "gemma3"
@@ -177,8 +183,6 @@ def use_chat_template(tokenizer, cfg) -> None:
 def training_template(tokenizer) -> str:
     """The chat template to render conversations with: the tokenizer's, with `{% generation %}`
     markers around each assistant turn and its end-of-turn (TRL's marked copy where it has none)."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers, is_chat_template_stop_token_trained
-
     template = tokenizer.chat_template
     if not template:
         raise UserError(
@@ -222,9 +226,6 @@ class Counts:
 
 def _encoder(tokenizer, fmt: str):
     """The function from one example (with its 1-based row) to `input_ids` and `labels`."""
-    from jinja2 import TemplateError
-    from trl.data_utils import common_prefix_length
-
     eos = tokenizer.eos_token
     template = training_template(tokenizer) if fmt == "messages" else None
 
@@ -413,10 +414,6 @@ class AuditConfig(SequenceSettings, DataSettings, ModelSettings):
 
 def load_tokenizer(name: str):
     """The tokenizer of a model (hub id, folder or 'embedded'), alone."""
-    from transformers import AutoTokenizer
-
-    from gemma_qlora.model import _explain_hub_error, check_model_folder, hf_token, resolve_model
-
     path, token = resolve_model(name), hf_token()
     checked = check_model_folder(path)  # a local folder: the same checks as train (no tokenizer files, ...)
     if checked is not None:

@@ -6,18 +6,24 @@ The Hugging Face token comes from `HF_TOKEN` or Colab's secrets and is passed st
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
+import transformers
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gemma_qlora.config import GEMMA_TYPES
+from gemma_qlora.embedded import embedded_model_dir
 from gemma_qlora.errors import UserError
 from gemma_qlora.quant import Precision, bnb_config_for, keep_4bit_weights_trainable_on_cpu
+from gemma_qlora.rundir import safetensors_problem
 
 # Multimodal Gemmas, of which only the language model is loaded: {model_type: its text-only class}
 MULTIMODAL_TYPES = {"gemma3": "Gemma3ForCausalLM", "gemma3n": "Gemma3nForCausalLM"}
@@ -51,8 +57,6 @@ def looks_like_path(name: str) -> bool:
 def resolve_model(name: str) -> str:
     """'embedded' -> the cached Gemma 3 270M folder; a path -> checked to exist; else a hub id."""
     if name == "embedded":
-        from gemma_qlora.embedded import embedded_model_dir
-
         return str(embedded_model_dir())
     if looks_like_path(name):
         path = Path(name).expanduser()
@@ -126,11 +130,6 @@ def load_language_model(path: str, config, **kwargs) -> PreTrainedModel:
     renaming in `LANGUAGE_MODEL_KEYS` leaves without a place, are never read from the files. The
     adapter trained on it loads back onto the same class loaded the same way.
     `kwargs` go to `from_pretrained` (dtype, quantization, device map...)."""
-    import copy
-    import logging
-
-    import transformers
-
     cls = getattr(transformers, MULTIMODAL_TYPES[config.model_type])
     quantization = kwargs.get("quantization_config")
     if config.model_type == "gemma3n" and quantization is not None:
@@ -165,8 +164,6 @@ def load_language_model(path: str, config, **kwargs) -> PreTrainedModel:
 def module_names(config) -> list[str]:
     """The module names of the model `config` describes (the language model alone for a
     multimodal one), from a copy built on the meta device: no memory, no weights read."""
-    import transformers
-
     with torch.device("meta"):
         if config.model_type in MULTIMODAL_TYPES:
             model = getattr(transformers, MULTIMODAL_TYPES[config.model_type])(config.get_text_config())
@@ -216,8 +213,6 @@ def check_model_folder(path: str) -> PreTrainedTokenizerBase | None:
 
 
 def _check_weights(folder: Path, path: str) -> None:
-    from gemma_qlora.rundir import safetensors_problem
-
     files = sorted(folder.glob("*.safetensors"))
     for index in folder.glob("*.safetensors.index.json"):
         try:
@@ -311,8 +306,6 @@ def _model_folder(model: str) -> Path:
     """The local folder of a model name: a path, 'embedded', or a hub id already in the cache."""
     if model == "embedded" or looks_like_path(model):
         return Path(resolve_model(model))
-    from huggingface_hub import try_to_load_from_cache
-
     config = try_to_load_from_cache(model, "config.json")
     if not isinstance(config, str):
         raise UserError(f"The base model {model} is not in the Hugging Face cache: download it again "
