@@ -3,16 +3,22 @@ model that was trained.
 
 `export(cfg)` (`python -m gemma_qlora export --run runs/4bit ...`) writes one of:
 
-    merged/   a plain safetensors checkpoint (bf16) with its tokenizer: AutoModelForCausalLM
-              loads it with no PEFT
+    merged/   a plain safetensors checkpoint (bf16, or fp32 where bf16 would round the
+              adapter's update away) with its tokenizer and generation config:
+              AutoModelForCausalLM loads it with no PEFT
     gguf/     model-f16.gguf and model-q8_0.gguf, written with the `gguf` package the way
-              llama.cpp's converter writes Gemma, tokenizer and chat template included
+              llama.cpp's converter writes Gemma, tokenizer included
 
-and then verifies it, every time: each exported model is loaded back the way a user would load
-it (the GGUF through transformers' GGUF loader), scored on the run's held-out split with the
-training's own evaluation, and its greedy continuations compared with the adapter model's. The
-figures go to `<run>/export.json`; an export whose held-out loss drifts past its threshold is
-refused (exit 2) and moved aside as `<out>.rejected`.
+Either carries a chat template, and stops at `<end_of_turn>` as well as EOS, only when the run
+trained on chat (messages): clients switch to chat whenever a template is present.
+
+It then verifies the export, every time: each exported model is loaded back the way a user
+would load it (the GGUF through transformers' GGUF loader), scored on the run's held-out split
+with the training's own evaluation, and its greedy continuations compared with the adapter
+model's. The figures go to `<run>/export.json`. Each file is judged on its own against the
+limits in `MAX_LOSS_RISE` (only a rise of the loss fails): one that fails is withheld, moved
+aside to `<out>.rejected` while the files that passed stay in `<out>`, and the command says
+which and exits 2.
 
 Everything is written to `<out>.partial` and renamed only once verified, so a full disk or a
 crash never leaves a model under the real name.
@@ -810,12 +816,12 @@ def refusal(checked: list[dict], *, kept: Path | None, rejected: Path, reference
     reasons = []
     for bad in (e for e in checked if not e["passed"]):
         why = (f"its settings came back different ({'; '.join(bad['config_mismatches'])})" if bad.get("config_mismatches")
-               else f"held-out loss {bad['eval_loss']:.4f} vs {reference['eval_loss']:.4f} for {reference_name} "
-                    f"({bad['loss_drift']:+.2%}, limit +{bad['max_loss_drift']:.2%})")
-        reasons.append(f"{bad['file']} ({why})")
+               else f"held-out loss {bad['eval_loss']:.4f} vs {reference['eval_loss']:.4f} for {reference_name}, "
+                    f"{bad['loss_drift']:+.2%} where the limit is +{bad['max_loss_drift']:.2%}")
+        reasons.append(f"{bad['file']}: {why}")
     good = [e["file"] for e in checked if e["passed"]]
     kept_line = f" Kept, verified: {', '.join(good)} in {kept}." if kept else ""
-    return UserError(f"Export {'; '.join(reasons)} does not match the trained model: withheld in {rejected}.{kept_line} "
+    return UserError(f"Withheld, as not matching the trained model: {'; '.join(reasons)}; moved to {rejected}.{kept_line} "
                      f"Figures in {record_path}.")
 
 

@@ -381,7 +381,7 @@ def test_a_failing_gguf_type_is_withheld_alone(trained_run, tmp_path, monkeypatc
 
         export(ExportConfig(run=str(run), into="gguf", out=str(out)))
     line = one_line(error)
-    assert "model-q8_0.gguf" in line and "rms_norm_eps" in line and "withheld" in line
+    assert "model-q8_0.gguf" in line and "rms_norm_eps" in line and "Withheld" in line and "gguf.rejected" in line
     assert "Kept, verified: model-f16.gguf" in line
     assert sorted(p.name for p in out.iterdir()) == ["model-f16.gguf"]
     assert sorted(p.name for p in (tmp_path / "gguf.rejected").iterdir()) == ["model-q8_0.gguf"]
@@ -401,7 +401,7 @@ def test_an_export_where_every_file_fails_is_moved_aside_whole(trained_run, tmp_
     run = copy_run(trained_run, tmp_path)
     with pytest.raises(UserError) as error:
         export(ExportConfig(run=str(run), into="gguf", gguf_types=["q8_0"]))
-    assert "does not match the trained model" in one_line(error) and "Kept" not in one_line(error)
+    assert "not matching the trained model" in one_line(error) and "Kept, verified" not in one_line(error)
     assert not (run / "gguf").exists() and (run / "gguf.rejected" / "model-q8_0.gguf").is_file()
     recorded = json.loads((run / "export.json").read_text())[str(run / "gguf")]
     assert recorded["passed"] is False and recorded["exports"][0]["passed"] is False
