@@ -855,9 +855,10 @@ def export(cfg: ExportConfig) -> dict:
         # compared with the int8 adapter model (what `generate --run` shows) as well
         dense = adapter_reference(train_cfg, run_dir, precision, data=data, prompts=prompts, dequantized=True)
         dense["int8_activation_gap"] = (reference["eval_loss"] - dense["eval_loss"]) / dense["eval_loss"]
-        print("8-bit run: each export is the adapter merged into the dequantized int8 weights, computed without "
-              "LLM.int8's activation rounding; `generate --run` shows the int8 adapter model, so some continuations differ "
-              "(both agreements follow).", flush=True)
+        into = "the dequantized int8 weights" if base == "dequantized" else "the original 16-bit weights"
+        print(f"8-bit run: this export is the adapter merged into {into}, computed without LLM.int8's activation "
+              "rounding; `generate --run` shows the int8 adapter model, so some continuations differ (both agreements "
+              "follow).", flush=True)
     yardstick = dense or reference
     reference_name = REFERENCE_NAMES[dense is not None]
 
