@@ -264,9 +264,10 @@ def choose_save_dtype(requested: str, survival: dict[str, float]) -> tuple[str, 
     90 % of the adapted weights keep their update in bf16; otherwise fp32, twice the size. The
     weights bf16 rounds back to the base are those the update changed least relative to their
     size, so losing a tenth of them costs little; a short run's update, though, is often under
-    half a bf16 step for most weights, and a save that drops most of it is closer to the base
-    than to the trained model. A dtype asked for by name is used as asked; export.json records
-    what each keeps either way.
+    half a bf16 step for most weights: after 15 steps of an 8-bit run of the 270M model only
+    51-56 % survived, and the bf16 save was no longer the trained model where the fp32 one was
+    (docs/export.md). fp16 keeps more, but Gemma's activations overflow it. A dtype asked for by
+    name is used as asked; export.json records what each keeps either way.
     """
     if requested != "auto":
         return requested, "asked for"
