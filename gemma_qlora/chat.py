@@ -3,8 +3,9 @@
 The model is a run's adapter on its base, quantized as it trained (`--run`), or any exported
 or plain checkpoint (`--model`: a merged folder, a `.gguf` file, a hub id or 'embedded').
 Prompts come from the command line or a file; each continuation is printed token by token as
-it is generated (transformers' `TextStreamer`). A tokenizer's chat template wraps the prompt
-when the model has one, except for a run's adapter: the recipe trains on plain text.
+it is generated (transformers' `TextStreamer`). A chat template wraps the prompt only where
+the model has one (exports carry one only from runs that trained on chat), except for a run
+that trained on plain text.
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ def load(cfg: GenerateConfig, precision=None):
         check_length(cfg, load_config(resolve_model(train_cfg.model), hf_token()))
         precision = precision or detect_precision(force_fp16=train_cfg.force_fp16)
         model, tokenizer = load_adapter_model(train_cfg, Path(cfg.run).expanduser(), precision)
+        if train_cfg.bits == 8:
+            print("(8-bit run: this is the adapter on the int8 base, where LLM.int8 also rounds activations; an export "
+                  "is the adapter merged into the dequantized weights and continues some prompts differently: "
+                  "export.json's agreement_int8 says how many)", file=sys.stderr)
         # a chat run answers inside the chat template it trained with, and ends its turn
         chat_run = metrics.get("data", {}).get("train", {}).get("format") == "messages"
         if chat_run:
@@ -174,6 +179,10 @@ def generate_command(cfg: GenerateConfig) -> list[str]:
     if has_template:
         why = "--chat" if cfg.chat is not None else ("the run trained on plain text" if plain_text else "the tokenizer has one")
         print(f"(chat template {'on' if chat else 'off'}: {why})", file=sys.stderr)
+    if chat:  # a turn ends at <end_of_turn>, which a GGUF's generation settings do not carry to transformers
+        from gemma_qlora.formats import stop_at_end_of_turn
+
+        stop_at_end_of_turn(model, tokenizer)
     set_seed(cfg.seed)
     return stream(model, tokenizer, prompts, chat=chat, max_new_tokens=cfg.max_new_tokens,
                   sample=cfg.sample, temperature=cfg.temperature, top_p=cfg.top_p)

@@ -17,22 +17,65 @@ from gemma_qlora.errors import UserError
 TEXTS = ["Quote: Imagination is more important than knowledge.\nAuthor: Albert Einstein", "Quote: To be or not"]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, quotes_file):
-    """A finished 4-bit run of a tiny Gemma 3 (its own copy of the base, so tests may change it),
-    which records its base's fingerprint."""
+def save_chat_base(path: Path, seed: int = 0) -> Path:
+    """A tiny Gemma 3 whose tokenizer has Gemma's turn markers and Gemma 3's chat template, as
+    Google's Gemma 3 checkpoints (and the embedded model, as the package loads it) have."""
+    from transformers import AutoModelForCausalLM
+
+    from gemma_qlora.tiny import build_chat_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_chat_tokenizer()
+    AutoModelForCausalLM.from_config(build_config("gemma3_text", len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def train_run(root: Path, data: str, **settings) -> Path:
     from gemma_qlora.config import TrainConfig
-    from gemma_qlora.export import base_fingerprint
     from gemma_qlora.train import train
 
-    root = tmp_path_factory.mktemp("export")
-    base = save_tiny_model(root / "base", "gemma3_text")
-    cfg = TrainConfig(model=str(base), data=quotes_file, steps=4, batch_size=4, max_seq_length=128, eval_size=8,
-                      logging_steps=1, output_dir=str(root / "runs"), max_new_tokens=4, learning_rate=1e-3, bits=4)
+    cfg = TrainConfig(**{**dict(data=data, steps=4, batch_size=4, max_seq_length=128, eval_size=8, logging_steps=1,
+                                output_dir=str(root / "runs"), max_new_tokens=4, learning_rate=1e-3, bits=4), **settings})
     train(cfg)
-    run = root / "runs" / cfg.name
+    return root / "runs" / cfg.name
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory):
+    return save_chat_base(tmp_path_factory.mktemp("chat-base") / "base")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, quotes_file):
+    """A finished 4-bit quote run of a tiny Gemma 3 whose tokenizer has a chat template (its own
+    copy of the base, so tests may change it), which records its base's fingerprint."""
+    from gemma_qlora.export import base_fingerprint
+
+    root = tmp_path_factory.mktemp("export")
+    base = save_chat_base(root / "base")
+    run = train_run(root, quotes_file, model=str(base))
     assert json.loads((run / "metrics.json").read_text())["base"] == base_fingerprint(str(base))  # recorded by training
     return run
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, chat_base):
+    """A finished 4-bit run on conversations (messages format)."""
+    from gemma_qlora.fortunes import load_fortunes
+
+    root = tmp_path_factory.mktemp("chat-run")
+    rows = [{"messages": [{"role": "user", "content": f"Who said: {r['quote'][:80]}"},
+                          {"role": "assistant", "content": r["author"]}]} for r in load_fortunes()[:40]]
+    data = root / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    return train_run(root, str(data), model=str(chat_base))
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory, quotes_file, chat_base):
+    """A finished 8-bit quote run (LLM.int8, quantized for real by bitsandbytes)."""
+    return train_run(tmp_path_factory.mktemp("int8-run"), quotes_file, model=str(chat_base), bits=8)
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:
@@ -314,18 +357,189 @@ def test_disk_full_mid_export_leaves_nothing_that_looks_valid(trained_run, tmp_p
     assert not (run / "export.json").exists()
 
 
-def test_an_export_that_drifts_is_refused_and_moved_aside(trained_run, tmp_path):
-    """Q8_0 rounds every weight, so a limit below its drift must fail: exit with one line, the
-    files kept aside as .rejected, the figures recorded with passed false."""
+def broken_q8_0(monkeypatch):
+    """Make every Q8_0 file carry a wrong setting (rms_norm_eps), so that its verification must
+    fail, whatever way its loss moves; F16 files are written as they should be."""
+    import gguf
+
+    from gemma_qlora import export as module
+
+    write = module.add_hparams
+
+    def add_hparams(writer, config, *, file_type):
+        if file_type == gguf.LlamaFileType.MOSTLY_Q8_0:
+            config = type(config).from_dict({**config.to_dict(), "rms_norm_eps": config.rms_norm_eps * 10})
+        write(writer, config, file_type=file_type)
+
+    monkeypatch.setattr(module, "add_hparams", add_hparams)
+
+
+def test_a_failing_gguf_type_is_withheld_alone(trained_run, tmp_path, monkeypatch):
+    """Q8_0 fails, F16 passes: F16 stays in the output folder, Q8_0 alone goes to .rejected, and
+    the one line (exit 2) names both."""
+    from gemma_qlora.cli import main
+
+    broken_q8_0(monkeypatch)
+    run = copy_run(trained_run, tmp_path)
+    out = tmp_path / "gguf"
+    with pytest.raises(UserError) as error:
+        from gemma_qlora.export import ExportConfig, export
+
+        export(ExportConfig(run=str(run), into="gguf", out=str(out)))
+    line = one_line(error)
+    assert "model-q8_0.gguf" in line and "rms_norm_eps" in line and "Withheld" in line and "gguf.rejected" in line
+    assert "Kept, verified: model-f16.gguf" in line
+    assert sorted(p.name for p in out.iterdir()) == ["model-f16.gguf"]
+    assert sorted(p.name for p in (tmp_path / "gguf.rejected").iterdir()) == ["model-q8_0.gguf"]
+    assert not list(tmp_path.glob("*.partial"))
+    recorded = json.loads((run / "export.json").read_text())[str(out)]
+    f16, q8 = recorded["exports"]
+    assert recorded["passed"] is False and recorded["withheld"] == ["model-q8_0.gguf"] and recorded["out"] == str(out)
+    assert f16["passed"] and f16["path"] == str(out / "model-f16.gguf")
+    assert not q8["passed"] and q8["path"] == str(tmp_path / "gguf.rejected" / "model-q8_0.gguf")
+    assert main(["export", "--run", str(run), "--into", "gguf", "--gguf_types", "q8_0", "--out", str(tmp_path / "q8")]) == 2
+
+
+def test_an_export_where_every_file_fails_is_moved_aside_whole(trained_run, tmp_path, monkeypatch):
     from gemma_qlora.export import ExportConfig, export
 
+    broken_q8_0(monkeypatch)
     run = copy_run(trained_run, tmp_path)
     with pytest.raises(UserError) as error:
-        export(ExportConfig(run=str(run), into="gguf", gguf_types=["q8_0"], max_loss_drift_q8_0=1e-9))
-    assert "does not match the trained model" in one_line(error)
+        export(ExportConfig(run=str(run), into="gguf", gguf_types=["q8_0"]))
+    assert "not matching the trained model" in one_line(error) and "Kept, verified" not in one_line(error)
     assert not (run / "gguf").exists() and (run / "gguf.rejected" / "model-q8_0.gguf").is_file()
     recorded = json.loads((run / "export.json").read_text())[str(run / "gguf")]
     assert recorded["passed"] is False and recorded["exports"][0]["passed"] is False
+
+
+def test_limits_fail_only_a_rise_past_the_types_limit():
+    """One table of limits; a lower loss than the reference's passes whatever its size."""
+    from gemma_qlora.export import MAX_LOSS_RISE, ORIGINAL_BASE_ALLOWANCE, ExportConfig, judge, loss_limit
+
+    cfg = ExportConfig(run="r")
+    assert loss_limit(cfg, "f16", original=False) == MAX_LOSS_RISE["f16"]
+    assert loss_limit(cfg, "q8_0", original=False) == MAX_LOSS_RISE["q8_0"]
+    assert loss_limit(cfg, "q8_0", original=True) == pytest.approx(MAX_LOSS_RISE["q8_0"] + ORIGINAL_BASE_ALLOWANCE)
+    assert judge({"eval_loss": 3.0}, 3.6, limit=0.01)["passed"]  # 17% lower: better, not a failure
+    assert judge({"eval_loss": 3.0 * 1.009}, 3.0, limit=0.01)["passed"]
+    assert not judge({"eval_loss": 3.0 * 1.011}, 3.0, limit=0.01)["passed"]
+
+
+def test_a_quote_run_ships_no_chat_template(trained_run, tmp_path, capsys):
+    """Its base's tokenizer has one, but the run trained on plain quotes: neither the merged
+    folder nor the GGUF carries a template, and `generate --model` sends prompts as plain text."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from gemma_qlora.chat import GenerateConfig, generate_command
+    from gemma_qlora.export import ExportConfig, export
+
+    assert AutoTokenizer.from_pretrained(json.loads((trained_run / "metrics.json").read_text())["config"]["model"]).chat_template
+    run = copy_run(trained_run, tmp_path)
+    merged = export(ExportConfig(run=str(run), into="merged"))
+    assert AutoTokenizer.from_pretrained(merged["out"]).chat_template is None
+    assert not (Path(merged["out"]) / "chat_template.jinja").exists()
+    assert merged["chat_template"] is False and merged["exports"][0]["chat_template"] is False
+    generation = json.loads((Path(merged["out"]) / "generation_config.json").read_text())
+    assert generation["eos_token_id"] in (1, [1])
+
+    result = export(ExportConfig(run=str(run), into="gguf", gguf_types=["f16"]))
+    fields = gguf.GGUFReader(str(Path(result["out"]) / "model-f16.gguf")).fields
+    assert "tokenizer.chat_template" not in fields and "tokenizer.ggml.eot_token_id" not in fields
+    capsys.readouterr()
+    generate_command(GenerateConfig(model=merged["out"], prompt=["Quote: To be"], max_new_tokens=3))
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Quote: To be") and "chat template" not in captured.err
+
+
+def test_a_chat_runs_exports_keep_the_template_and_stop_at_the_end_of_a_turn(chat_run, tmp_path, capsys):
+    """Merged: the template and eos_token_id [<eos>, <end_of_turn>] in generation_config.json,
+    so plain transformers stops where the run's turns stop; GGUF: the template and
+    tokenizer.ggml.eot_token_id, llama.cpp's key for it."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from gemma_qlora.chat import GenerateConfig, generate_command
+    from gemma_qlora.export import ExportConfig, export
+    from gemma_qlora.tiny import GEMMA3_CHAT_TEMPLATE
+
+    run = copy_run(chat_run, tmp_path)
+    merged = export(ExportConfig(run=str(run), into="merged"))
+    tokenizer = AutoTokenizer.from_pretrained(merged["out"])
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert tokenizer.chat_template == GEMMA3_CHAT_TEMPLATE and merged["chat_template"] is True
+    assert GenerationConfig.from_pretrained(merged["out"]).eos_token_id == [tokenizer.eos_token_id, end_of_turn]
+    assert AutoModelForCausalLM.from_pretrained(merged["out"]).generation_config.eos_token_id == [1, end_of_turn]
+
+    result = export(ExportConfig(run=str(run), into="gguf", gguf_types=["f16"]))
+    fields = gguf.GGUFReader(str(Path(result["out"]) / "model-f16.gguf")).fields
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == end_of_turn
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.eos_token_id
+    assert fields["tokenizer.chat_template"].contents() == GEMMA3_CHAT_TEMPLATE
+    capsys.readouterr()
+    generate_command(GenerateConfig(model=str(Path(result["out"]) / "model-f16.gguf"), prompt=["hi"], max_new_tokens=3))
+    captured = capsys.readouterr()
+    assert "chat template on" in captured.err and captured.out.startswith("user: hi")
+
+
+@torch.no_grad()
+def test_update_survival_counts_what_each_dtype_keeps():
+    """Weights of 1.0 (a bf16 step there is 2**-7, an fp16 step 2**-10): an update of 0.01
+    survives bf16, one of 0.001 only fp16 and fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    from gemma_qlora.export import choose_save_dtype, update_survival
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False))
+    model[0].weight.fill_(1.0)
+    peft_model = get_peft_model(model, LoraConfig(r=1, lora_alpha=1, target_modules=["0"], init_lora_weights=False))
+    layer = peft_model.base_model.model[0]
+    layer.lora_A["default"].weight.fill_(1.0)
+    layer.lora_B["default"].weight.copy_(torch.tensor([[0.01], [0.01], [0.001], [0.001]]))
+    survival = update_survival(peft_model)
+    assert survival == {"bfloat16": 0.5, "float16": 1.0, "float32": 1.0}
+    assert choose_save_dtype("auto", survival)[0] == "float32"
+    assert choose_save_dtype("auto", {**survival, "bfloat16": 0.95})[0] == "bfloat16"
+    assert choose_save_dtype("bfloat16", survival) == ("bfloat16", "asked for")
+
+
+def test_a_merge_that_bf16_would_round_away_is_saved_in_fp32(trained_run, tmp_path, capsys):
+    """An update a thousandth of the trained one is below bf16's step on most weights: auto saves
+    fp32 and records how much survives each dtype; bf16 asked for by name warns."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(trained_run, tmp_path)
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    save_file({k: v * 1e-3 if "lora_B" in k else v for k, v in weights.items()}, run / "adapter" / "adapter_model.safetensors")
+    result = export(ExportConfig(run=str(run), into="merged"))
+    assert result["save_dtype"] == "float32" and "bf16" in result["save_dtype_reason"]
+    assert result["update_survival"]["bfloat16"] < 0.5 < result["update_survival"]["float32"]
+    assert AutoModelForCausalLM.from_pretrained(result["out"]).dtype == torch.float32
+    capsys.readouterr()
+    asked = export(ExportConfig(run=str(run), into="merged", save_dtype="bfloat16", out=str(tmp_path / "bf16")))
+    assert asked["save_dtype"] == "bfloat16" and "warning" in capsys.readouterr().err
+
+
+def test_an_8bit_runs_export_says_which_model_it_matches(int8_run, tmp_path, capsys):
+    """export.json holds agreement with the int8 adapter model (what `generate --run` shows,
+    one prompt at a time) besides the dequantized reference; generate --run says which model
+    it shows."""
+    from gemma_qlora.chat import GenerateConfig, generate_command
+    from gemma_qlora.export import ExportConfig, export
+
+    run = copy_run(int8_run, tmp_path)
+    result = export(ExportConfig(run=str(run), into="gguf", gguf_types=["f16"]))
+    (entry,) = result["exports"]
+    assert result["yardstick"] == "adapter_dequantized"
+    assert entry["agreement_int8"]["prompts"] == entry["agreement"]["prompts"] == len(result["prompts"])
+    assert "int8 adapter model" in capsys.readouterr().out
+    shown = generate_command(GenerateConfig(run=str(run), prompt=result["prompts"][:3], max_new_tokens=4))
+    assert "8-bit run" in capsys.readouterr().err
+    assert shown == result["adapter"]["continuations"][:3]
 
 
 def test_gguf_of_gemma_1_is_refused_in_one_line(trained_run, tmp_path):
