@@ -389,8 +389,8 @@ def test_a_failing_gguf_type_is_withheld_alone(trained_run, tmp_path, monkeypatc
     line = one_line(error)
     assert "model-q8_0.gguf" in line and "rms_norm_eps" in line and "Withheld" in line and "gguf.rejected" in line
     assert "Kept, verified: model-f16.gguf" in line
-    assert sorted(p.name for p in out.iterdir()) == ["model-f16.gguf"]
-    assert sorted(p.name for p in (tmp_path / "gguf.rejected").iterdir()) == ["model-q8_0.gguf"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["model-f16.gguf"]
+    assert sorted(p.name for p in (tmp_path / "gguf.rejected").iterdir() if not p.name.startswith(".")) == ["model-q8_0.gguf"]
     assert not list(tmp_path.glob("*.partial"))
     recorded = json.loads((run / "export.json").read_text())[str(out)]
     f16, q8 = recorded["exports"]
