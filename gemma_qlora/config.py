@@ -122,6 +122,13 @@ class TrainConfig:
                   "in CPU memory, copied on a side stream (TRL's activation offloading): less GPU memory at no "
                   "measured speed cost. GPU only."},
     )
+    # speed (gemma_qlora.fused_lora)
+    fused_lora: bool = field(
+        default=True,
+        metadata={"help": "Run each group of LoRA projections (q/k/v, o, gate/up, down) as one fused autograd function "
+                  "over the dequantized weight (4-, 8- and 16-bit; LoRA dropout 0 only, PEFT's path otherwise); "
+                  "adapters and saving are PEFT's either way."},
+    )
     auto_batch_size: bool = field(
         default=False, metadata={"help": "Start from the largest micro-batch the memory plan predicts to fit the GPU (the global batch kept through --grad_accum), and halve it on out-of-memory (accelerate's finder)."}
     )

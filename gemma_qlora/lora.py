@@ -44,7 +44,12 @@ def attach_lora(model: PreTrainedModel, cfg) -> PeftModel:
     if missing:
         raise UserError(f"LoRA targets {missing} are not modules of this model: choose from {sorted(p for p in present if p.endswith('proj'))}.")
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if getattr(cfg, "fused_lora", False):  # speed hook: patches forwards only (gemma_qlora.fused_lora)
+        from gemma_qlora.fused_lora import apply_fused_lora
+
+        apply_fused_lora(peft_model)
+    return peft_model
 
 
 def parameter_counts(model) -> dict[str, int | float]:
