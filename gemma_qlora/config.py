@@ -129,6 +129,11 @@ class TrainConfig:
                   "over the dequantized weight (4-, 8- and 16-bit; LoRA dropout 0 only, PEFT's path otherwise); "
                   "adapters and saving are PEFT's either way."},
     )
+    varlen_attention: bool = field(
+        default=False,
+        metadata={"help": "On a GPU with SDPA: run attention over packed rows with PyTorch's variable-length flash "
+                  "attention (examples kept apart by their offsets, no mask) instead of masked SDPA."},
+    )
     auto_batch_size: bool = field(
         default=False, metadata={"help": "Start from the largest micro-batch the memory plan predicts to fit the GPU (the global batch kept through --grad_accum), and halve it on out-of-memory (accelerate's finder)."}
     )

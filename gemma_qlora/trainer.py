@@ -96,6 +96,10 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
             tokenizer, max_length=cfg.max_seq_length, fixed_shape=compiled, batch_size=cfg.batch_size,
             attn_implementation=model.config._attn_implementation,
         )
+    if cfg.varlen_attention and precision.device == "cuda":  # speed hook (gemma_qlora.varlen_attention)
+        from gemma_qlora.varlen_attention import use_varlen_attention
+
+        use_varlen_attention(trainer.model)
     if precision.compute_dtype != torch.bfloat16:
         # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice). fp16 mixed
         # precision (a T4) cannot unscale bf16 gradients and crashes at the first step, and an fp32
