@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 mkdir -p /root/r
 if [ $check = 1 ]; then
-  timeout 120 python3 bench/lab/check_speed_paths.py > /root/r/check.log 2>&1
+  timeout 80 python3 bench/lab/check_speed_paths.py > /root/r/check.log 2>&1
   echo "check exit status $?"; grep -E "vs|Error|error" /root/r/check.log | tail -8
   cp /root/r/check.log "$OUT/$name-check.log"
 fi
