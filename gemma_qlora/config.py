@@ -126,8 +126,8 @@ class TrainConfig:
     fused_lora: bool = field(
         default=True,
         metadata={"help": "Run each group of LoRA projections (q/k/v, o, gate/up, down) as one fused autograd function "
-                  "over the dequantized weight (4-, 8- and 16-bit; LoRA dropout 0 only, PEFT's path otherwise); "
-                  "adapters and saving are PEFT's either way."},
+                  "over the dequantized weight (4-, 8- and 16-bit; LoRA dropout 0 and uncompiled runs only, PEFT's path "
+                  "otherwise); adapters and saving are PEFT's either way."},
     )
     varlen_attention: bool = field(
         default=False,

@@ -74,7 +74,9 @@ def dequantized_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         import bitsandbytes.functional as F
 
         state = weight.quant_state
-        if state.dtype == dtype and weight.device.type == "cuda":
+        # torch.compile traces bitsandbytes' out= variant with a fake-tensor shape check that fails
+        # (bitsandbytes 0.50): compiled code gets a fresh tensor, which inductor plans anyway
+        if state.dtype == dtype and weight.device.type == "cuda" and not torch.compiler.is_compiling():
             return F.dequantize_4bit(weight.data, state, out=_buffer(state.shape, dtype, weight.device))
         return F.dequantize_4bit(weight.data, state).to(dtype)
     if kind == "8bit":
@@ -82,6 +84,8 @@ def dequantized_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         cb = weight.data if weight.dtype == torch.int8 else base.state.CB
         # int8 × a per-row scale, promoted to `dtype` in one kernel (int8 values are exact in bf16/fp16)
         scale = (scb.float() / 127.0).to(dtype).unsqueeze(1)
+        if torch.compiler.is_compiling():
+            return torch.mul(cb, scale)
         return torch.mul(cb, scale, out=_buffer(cb.shape, dtype, cb.device))
     return weight.to(dtype)
 

@@ -79,6 +79,11 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
     train_text, eval_text = (trainable(data[s], tokenizer, max_length=cfg.max_seq_length) for s in ("train", "test"))
     compiled = cfg.compiles(precision.device)
     if compiled:
+        # compiled parts run PEFT's LoRA path: traced through the fused autograd function they were
+        # slower (docs/speed.md), and inductor fuses PEFT's small ops itself
+        from gemma_qlora.fused_lora import remove_fused_lora
+
+        remove_fused_lora(model)
         compile_layer_parts(model)
     trainer = SFTTrainer(
         model=model,
