@@ -72,7 +72,10 @@ def dequantized_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     kind, weight = _kind(base), base.weight
     if kind == "4bit":
         import bitsandbytes.functional as F
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
+        fix_4bit_weight_quant_state_from_module(base)  # as bitsandbytes' own forward: FSDP drops it
+        weight = base.weight
         state = weight.quant_state
         # torch.compile traces bitsandbytes' out= variant with a fake-tensor shape check that fails
         # (bitsandbytes 0.50): compiled code gets a fresh tensor, which inductor plans anyway
