@@ -101,6 +101,10 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
             tokenizer, max_length=cfg.max_seq_length, fixed_shape=compiled, batch_size=cfg.batch_size,
             attn_implementation=model.config._attn_implementation,
         )
+    # speed hook (gemma_qlora.gc_scope): full garbage collections in training skip the setup heap
+    from gemma_qlora.gc_scope import frozen_heap
+
+    trainer.train = frozen_heap(trainer.train)
     if cfg.varlen_attention and precision.device == "cuda":  # speed hook (gemma_qlora.varlen_attention)
         from gemma_qlora.varlen_attention import use_varlen_attention
 

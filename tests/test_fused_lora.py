@@ -183,3 +183,4 @@ def test_fused_after_bitsandbytes_repacked_the_weights_for_cpu_inference(tmp_pat
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
