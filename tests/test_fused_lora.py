@@ -151,7 +151,7 @@ def test_fused_after_bitsandbytes_repacked_the_weights_for_cpu_inference(tmp_pat
     of a model that was never evaluated."""
     import bitsandbytes.nn.modules
     from bitsandbytes.nn import Linear4bit
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from gemma_qlora.quant import make_bnb_config
     from tests.conftest import build_config, build_tokenizer
