@@ -147,8 +147,8 @@ def test_training_with_fused_lora_changes_lora_and_saves_a_loadable_adapter(fast
 def test_fused_after_bitsandbytes_repacked_the_weights_for_cpu_inference(tmp_path, monkeypatch, calls):
     """On an AVX512-BF16 CPU, bitsandbytes repacks 4-bit weights at the first no-grad eval forward
     of a model that did not come through load_model; attach_lora unpacks them, and the fused path
-    dequantizes them (bitsandbytes' dequantize_4bit of weight.data and quant_state) to the values
-    of a model that was never evaluated."""
+    dequantizes them (bitsandbytes' dequantize_4bit of weight.data and quant_state) to the same
+    loss and gradients as PEFT's path on that model."""
     import bitsandbytes.nn.modules
     from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForCausalLM
