@@ -73,6 +73,26 @@ ARMS = {
                                        torch_compile=True, activation_memory_budget=0.5),
     "pkg-4bit-compiled-budget10": _pkg(4, "gemma_qlora long-run defaults, compiled with activation memory budget 0.1",
                                        torch_compile=True, activation_memory_budget=0.1),
+    # the hot-path levers, each against today's defaults (fused LoRA on, varlen attention off)
+    "pkg-4bit-unfused": _pkg(4, "gemma_qlora defaults, PEFT's LoRA path (fused_lora false)", fused_lora=False),
+    "pkg-4bit-varlen": _pkg(4, "gemma_qlora defaults + varlen flash attention", varlen_attention=True),
+    "pkg-4bit-unfused-varlen": _pkg(4, "gemma_qlora defaults, PEFT's LoRA path + varlen attention", fused_lora=False,
+                                    varlen_attention=True),
+    "pkg-4bit-no-offload": _pkg(4, "gemma_qlora defaults, activations kept on the GPU", offload_activations=False),
+    "pkg-4bit-varlen-no-offload": _pkg(4, "gemma_qlora defaults + varlen attention, activations kept on the GPU",
+                                       varlen_attention=True, offload_activations=False),
+    "pkg-4bit-varlen-liger": _pkg(4, "gemma_qlora defaults + varlen attention + Liger kernels", varlen_attention=True,
+                                  liger_kernel=True),
+    "pkg-4bit-compiled-unfused": _pkg(4, "gemma_qlora long-run defaults (compiled), PEFT's LoRA path", torch_compile=True,
+                                      fused_lora=False),
+    "pkg-4bit-compiled-varlen": _pkg(4, "gemma_qlora long-run defaults (compiled) + varlen attention", torch_compile=True,
+                                     varlen_attention=True),
+    # Liger's kernels one at a time, on the instance (bench only: TrainConfig.liger_kernel is TRL's one switch)
+    "pkg-4bit-liger-rmsnorm": _pkg(4, "gemma_qlora defaults + Liger's RMSNorm", liger={"rms_norm": True}),
+    "pkg-4bit-liger-rope": _pkg(4, "gemma_qlora defaults + Liger's RoPE", liger={"rope": True}),
+    "pkg-4bit-liger-geglu": _pkg(4, "gemma_qlora defaults + Liger's GeGLU", liger={"geglu": True}),
+    "pkg-8bit-unfused": _pkg(8, "gemma_qlora defaults, PEFT's LoRA path (LLM.int8 matmul)", fused_lora=False),
+    "pkg-8bit-varlen": _pkg(8, "gemma_qlora defaults + varlen flash attention", varlen_attention=True),
     # levers: the package with one or two TrainConfig fields changed
     "pkg-4bit-rows": _lever(4, "gemma_qlora, packing_layout rows", packing_layout="rows"),
     "pkg-4bit-rows-no-dropout": _lever(4, "gemma_qlora, rows, LoRA dropout 0", packing_layout="rows", lora_dropout=0.0),
@@ -280,6 +300,7 @@ def build_pkg(arm: str, s, records: list[dict], recorder, timer):
     max_steps = s.warmup + s.steps + s.profile
     settings = dict(ARMS[arm].settings)
     budget = settings.pop("activation_memory_budget", None)
+    liger = settings.pop("liger", None)
     if budget is not None:
         # AOTAutograd's partitioner: below 1, compiled graphs save less for the backward and recompute more
         import torch._functorch.config
@@ -293,6 +314,13 @@ def build_pkg(arm: str, s, records: list[dict], recorder, timer):
     precision = detect_precision(force_fp16=cfg.force_fp16)
     with recorder.phase("load"):
         model, tokenizer = load_model(cfg, precision)
+    if liger:
+        # one Liger kernel at a time on this model instance; the logits stay (TRL's entropy and
+        # accuracy need them), so fused linear cross-entropy is not among these arms
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        kernels = dict(rope=False, rms_norm=False, geglu=False, cross_entropy=False, fused_linear_cross_entropy=False)
+        _apply_liger_kernel_to_instance(model=model, **{**kernels, **liger})
     model = attach_lora(model, cfg)
     # all quotes train, as in the other arms; the held-out split make_trainer wants is never evaluated
     quotes = DatasetDict(train=Dataset.from_list(records), test=Dataset.from_list(records[: cfg.batch_size]))
@@ -326,4 +354,5 @@ def describe(arm: str, trainer) -> dict:
         "kbit_preparation": preparation,
         "gradient_checkpointing": "unsloth (offloaded)" if spec.family == "unsloth" else args.gradient_checkpointing,
         "compiled": bool(spec.settings.get("torch_compile")),
+        "fused_lora": any(hasattr(m, "_peft_forward") for m in model.modules()),
     }

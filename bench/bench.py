@@ -46,7 +46,7 @@ class Settings:
     shape: str = "2b"  # 2b | 270m | tiny | a checkpoint folder
     arms: str = ",".join(DEFAULT_ARMS)
     warmup: int = 5  # optimizer steps left out of the speed figures
-    steps: int = 20  # timed optimizer steps after the warm-up
+    steps: int = 100  # timed optimizer steps after the warm-up (a long run's pace: a slow step every few dozen shows)
     out: str = "results/bench"
     fp16: bool = False  # fp16 compute even where bf16 works (T4 emulation)
     gpu_memory_gib: float | None = None  # per-process GPU memory cap (T4 emulation: 15)

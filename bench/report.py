@@ -19,7 +19,7 @@ def add_ratios(arms: list[dict]) -> None:
             ref_name = next((name for name in refs[a["bits"]] if name in by_name), None)
             ref = by_name.get(ref_name)
             a[f"{label}_arm"] = ref_name
-            for key in ("tokens_per_second", "allocated_peak_gib"):
+            for key in ("tokens_per_second", "tokens_per_second_median", "allocated_peak_gib"):
                 ok = a["status"] == "ok" and ref is not None and a.get(key) and ref.get(key)
                 a[f"{key}_vs_{label}"] = a[key] / ref[key] if ok else None
 
@@ -111,28 +111,38 @@ def markdown(report: dict) -> str:
         lines.append(f"  - {arm}: " + ", ".join(f"{k} {v}" for k, v in differ.items()))
     lines += [
         "",
-        "| arm | what | packing | batch | LoRA dropout | alloc peak GiB | NVML peak GiB | tokens/s | step s | epoch "
-        "| final loss | tok/s ÷ bar | peak ÷ bar | tok/s ÷ plain | warm-up s | load s | import s |",
-        "|" + "---|" * 17,
+        "| arm | what | packing | batch | LoRA dropout | alloc peak GiB | NVML peak GiB | tokens/s (window) "
+        "| tokens/s (median step) | step s median | step s p90 | slow steps | epoch | final loss | window ÷ bar "
+        "| median ÷ bar | peak ÷ bar | tok/s ÷ plain | warm-up s | load s | import s |",
+        "|" + "---|" * 21,
     ]
-    notes = []
+    notes, slow = [], []
     for a in report["arms"]:
         speed = fmt(a.get("tokens_per_second"), ",.0f") if a["status"] == "ok" else f"**{a['status']}**"
+        n_slow = a.get("slow_steps")
+        slow_cell = "n/a" if n_slow is None else f"{n_slow} (+{a.get('slow_steps_extra_seconds', 0):.2f} s)"
         lines.append("| " + " | ".join([
             a["arm"], a.get("what", ""), PACKING.get(a.get("packing_layout"), ""), batch_shape(a), fmt(a.get("lora_dropout"), "g"),
-            fmt(a.get("allocated_peak_gib")), fmt(a.get("nvml_peak_gib")), speed, fmt(a.get("step_seconds_median"), ".3f"),
+            fmt(a.get("allocated_peak_gib")), fmt(a.get("nvml_peak_gib")), speed, fmt(a.get("tokens_per_second_median"), ",.0f"),
+            fmt(a.get("step_seconds_median"), ".3f"), fmt(a.get("step_seconds_p90"), ".3f"), slow_cell,
             duration(a.get("epoch_seconds")), fmt(a.get("final_loss"), ".3f"),
-            fmt(a.get("tokens_per_second_vs_bar"), ".2f", "×"), fmt(a.get("allocated_peak_gib_vs_bar"), ".2f", "×"),
+            fmt(a.get("tokens_per_second_vs_bar"), ".2f", "×"), fmt(a.get("tokens_per_second_median_vs_bar"), ".2f", "×"),
+            fmt(a.get("allocated_peak_gib_vs_bar"), ".2f", "×"),
             fmt(a.get("tokens_per_second_vs_plain"), ".2f", "×"), fmt(a.get("warmup_seconds"), ".1f"),
             fmt(a.get("load_seconds"), ".1f"), fmt(a.get("import_seconds"), ".1f"),
         ]) + " |")
         if a["status"] != "ok":
             notes.append(f"- {a['arm']}: {a['status']}: {a.get('error', '')}")
+        if a.get("slowest_steps"):
+            slow.append(f"- {a['arm']} (median {a['step_seconds_median']:.3f} s, {a.get('steps_per_epoch', '?')} steps an epoch): "
+                        + "; ".join(slow_step(row) for row in a["slowest_steps"]))
     bars = sorted({f"{a['bar_arm']} for {a['bits']}-bit" for a in report["arms"] if a.get("bar_arm")})
     lines += [
         "",
-        "tokens/s: non-pad tokens of the batches the trainer drew, from the end of the last warm-up step to the end of "
-        "the timed steps; step s: median seconds per optimizer step; epoch: the training tokens of one pass over the "
+        "tokens/s (window): non-pad tokens of the batches the trainer drew, from the end of the last warm-up step to the end of "
+        "the timed steps, slow steps included; tokens/s (median step): the median step's tokens over the median step's "
+        "seconds, the steady pace; p90: the 90th percentile step; slow steps: steps over twice the median, and the "
+        "seconds they took beyond it (listed below with what each held); epoch: the training tokens of one pass over the "
         "quotes divided by tokens/s; final loss: mean of the last 5 logged losses (wrapped rows train on other targets "
         "than kept-apart examples, so their losses differ). warm-up s: seconds from the start of training to the end "
         "of the warm-up steps, one-off costs such as compilation included. alloc peak: torch allocator peak over training; NVML: device "
@@ -140,9 +150,24 @@ def markdown(report: dict) -> str:
         f"bar: {', '.join(bars) or 'none ran'}; plain: the old notebook recipe at the same batch shape "
         "(plain-4bit for 4- and 16-bit, plain-8bit for 8-bit), a reference, not the bar.",
     ]
+    if slow:
+        lines += ["", "Slowest timed steps (step: seconds, non-pad tokens, epoch at its end, garbage-collector seconds, "
+                  "torch.compile frames compiled in it):", "", *slow]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def slow_step(row: dict) -> str:
+    """One slow step for the list under the table."""
+    text = f"step {row['step']}: {row['seconds']:.3f} s, {row.get('tokens', 0):,} tokens"
+    if "epoch" in row:
+        text += f", epoch {row['epoch']:.2f}"
+    if row.get("gc_seconds"):
+        text += f", gc {row['gc_seconds']:.3f} s"
+    if row.get("compiled_frames"):
+        text += f", {row['compiled_frames']} frames compiled"
+    return text
 
 
 def save_plots(report: dict, out: Path) -> None:

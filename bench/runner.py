@@ -166,7 +166,8 @@ def main_parent(s) -> int:
             report["arms"].append(result)
             write_report(report, out)
             if result["status"] == "ok":
-                log(f"[{i}/{len(arms)}] {arm}: {result['tokens_per_second']:,.0f} tokens/s, allocator peak "
+                log(f"[{i}/{len(arms)}] {arm}: {result['tokens_per_second']:,.0f} tokens/s (window), "
+                    f"{result.get('tokens_per_second_median') or 0:,.0f} (median step), allocator peak "
                     f"{fmt(result.get('allocated_peak_gib'))} GiB, {result['process_seconds']:.0f} s")
             else:
                 where = f" (log: {result['log']})" if result.get("log") else ""

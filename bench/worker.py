@@ -37,21 +37,89 @@ def import_libraries(family: str) -> None:
         import gemma_qlora.trainer  # noqa: F401  (and through it the rest of the package)
 
 
-def steady_speed(steps: list[tuple[int, float, int]], warmup: int, last: int | None = None) -> dict:
+def steady_speed(steps: list[tuple[int, float, int]], warmup: int, last: int | None = None,
+                 diagnostics: dict[int, dict] | None = None) -> dict:
     """Speed over the timed steps. `steps` holds (optimizer step, time, non-pad tokens seen so far)
     at the end of every step; the clock starts at the end of step `warmup`, so kernel autotuning,
     compilation, allocator growth and the optimizer's first allocations stay out of the figure, and
-    stops at the end of step `last` (the profiled steps after it run slower)."""
+    stops at the end of step `last` (the profiled steps after it run slower).
+
+    Two figures, because they answer different questions: the window's tokens/s (all tokens over
+    all the time, slow steps included: what a run of this length feels) and the median step's
+    (tokens per step over the median step time: the steady pace, which a slow step every few
+    dozen steps does not move). The slowest steps are listed with their step numbers and what
+    `diagnostics` (StepDiagnostics) saw in them, so that a gap between the two figures is explained."""
     timed = [step for step in steps if step[0] >= warmup and (last is None or step[0] <= last)]
     if len(timed) < 2:
-        return {"tokens_per_second": None, "step_seconds_median": None, "timed_steps": 0, "timed_tokens": 0}
+        return {"tokens_per_second": None, "tokens_per_second_median": None, "step_seconds_median": None,
+                "step_seconds_p90": None, "timed_steps": 0, "timed_tokens": 0, "slowest_steps": [], "step_seconds": []}
     (_, t0, n0), (_, t1, n1) = timed[0], timed[-1]
+    per_step = [{"step": b[0], "seconds": b[1] - a[1], "tokens": b[2] - a[2]} for a, b in zip(timed, timed[1:])]
+    for row in per_step:
+        row.update((diagnostics or {}).get(row["step"], {}))
+    seconds = sorted(row["seconds"] for row in per_step)
+    median = statistics.median(seconds)
+    p90 = seconds[min(len(seconds) - 1, round(0.9 * (len(seconds) - 1)))]
+    slowest = sorted(per_step, key=lambda row: -row["seconds"])[:5]
     return {
         "tokens_per_second": (n1 - n0) / (t1 - t0),
-        "step_seconds_median": statistics.median(b[1] - a[1] for a, b in zip(timed, timed[1:])),
+        "tokens_per_second_median": statistics.median(row["tokens"] for row in per_step) / median,
+        "step_seconds_median": median,
+        "step_seconds_p90": p90,
         "timed_steps": len(timed) - 1,
         "timed_tokens": n1 - n0,
+        # a step is "slow" at twice the median: these are what the window's figure pays beyond the median's
+        "slow_steps": sum(1 for s in seconds if s > 2 * median),
+        "slow_steps_extra_seconds": sum(s - median for s in seconds if s > 2 * median),
+        "slowest_steps": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in slowest],
+        "step_seconds": [round(row["seconds"], 4) for row in per_step],
     }
+
+
+def make_diagnostics_callback():
+    """A TrainerCallback that notes, for every optimizer step, what can make one step slower than
+    the rest: the seconds Python's garbage collector ran, torch.compile frames compiled (a new
+    shape recompiles), the epoch the step ended in (a new epoch rebuilds the data iterator; the
+    last batch of one may be short), the batch's shape, and whether the step logged. Same for
+    every arm, so that the slowest steps of each can be told apart."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    class StepDiagnostics(TrainerCallback):
+        def __init__(self):
+            self.by_step: dict[int, dict] = {}
+            self.gc_seconds, self._gc_start = 0.0, None
+            gc.callbacks.append(self._gc)
+
+        def _gc(self, phase, info):
+            if phase == "start":
+                self._gc_start = time.perf_counter()
+            elif self._gc_start is not None:
+                self.gc_seconds += time.perf_counter() - self._gc_start
+                self._gc_start = None
+
+        @staticmethod
+        def _frames() -> int:
+            try:
+                from torch._dynamo.utils import counters
+
+                return int(sum(counters["frames"].values()))
+            except Exception:
+                return 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._begin = (self.gc_seconds, self._frames())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            gc0, frames0 = getattr(self, "_begin", (self.gc_seconds, self._frames()))
+            row = {"epoch": round(state.epoch or 0.0, 4), "gc_seconds": round(self.gc_seconds - gc0, 4),
+                   "compiled_frames": self._frames() - frames0}
+            if args.logging_steps and state.global_step % args.logging_steps == 0:
+                row["logged"] = True
+            self.by_step[state.global_step] = row
+
+    return StepDiagnostics()
 
 
 def make_profiler_callback(first_step: int, steps: int, path: Path):
@@ -145,6 +213,8 @@ def measure_arm(arm: str, s, result: dict, imported_s: float) -> None:
 
     t0 = time.perf_counter()
     trainer = BUILDERS[spec.family](arm, s, records, recorder, timer)
+    diagnostics = make_diagnostics_callback()
+    trainer.add_callback(diagnostics)
     if s.profile:
         trainer.add_callback(make_profiler_callback(s.warmup + s.steps, s.profile, Path(s.out) / "arms" / f"{arm}.profile.txt"))
     load = recorder.record.phases[0]
@@ -187,7 +257,10 @@ def measure_arm(arm: str, s, result: dict, imported_s: float) -> None:
     result["train_seconds"] = train.end_s - train.start_s
     # the warm-up steps hold the one-off costs (compilation, autotuning, first allocations)
     result["warmup_seconds"] = next((t - train_start for step, t, _ in timer.steps if step == s.warmup), None)
-    result.update(steady_speed(timer.steps, s.warmup, last=s.warmup + s.steps))
+    result.update(steady_speed(timer.steps, s.warmup, last=s.warmup + s.steps, diagnostics=diagnostics.by_step))
+    if result.get("tokens_per_second"):
+        train_rows = len(trainer.train_dataset)
+        result["steps_per_epoch"] = -(-train_rows // (args.per_device_train_batch_size * args.gradient_accumulation_steps))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] <= s.warmup + s.steps]
     result["losses"] = losses
     result["final_loss"] = statistics.fmean(losses[-5:]) if losses else None

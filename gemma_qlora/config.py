@@ -218,7 +218,7 @@ class BatchSettings(Settings):
     offload_activations: bool = setting(
         True,
         help="Keep the activations saved for the backward (with gradient checkpointing: each layer's input) in CPU "
-             "memory, copied on a side stream (TRL's activation offloading): less GPU memory at no measured speed cost. GPU only.",
+             "memory, copied on a side stream (TRL's activation offloading): less GPU memory for a few percent of speed. GPU only.",
     )
     # LoRA's optimizer state is megabytes, so 8-bit states save nothing that matters; the fused
     # torch AdamW also runs under FSDP2, where bitsandbytes' 8-bit optimizers fail on sharded
@@ -249,6 +249,17 @@ class LeverSettings(Settings):
         help="torch.compile the norms, attention and MLP of each decoder layer: faster steps after tens of seconds of "
              f"compiling. Unset: on for 4-bit runs on one GPU of {COMPILE_FROM_STEPS} steps or more, where it pays back "
              "(README, Decisions); true or false to choose.",
+    )
+    fused_lora: bool = setting(
+        True,
+        help="Run each group of LoRA projections (q/k/v, o, gate/up, down) as one fused autograd function over the "
+             "dequantized weight (4-, 8- and 16-bit; LoRA dropout 0 and uncompiled runs only, PEFT's path otherwise); "
+             "adapters and saving are PEFT's either way.",
+    )
+    varlen_attention: bool = setting(
+        False,
+        help="On a GPU with SDPA: run attention over packed rows with PyTorch's variable-length flash attention "
+             "(examples kept apart by their offsets, no mask) instead of masked SDPA (measured slower).",
     )
     auto_batch_size: bool = setting(
         False,

@@ -8,6 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import PreTrainedModel
 
 from gemma_qlora.errors import UserError
+from gemma_qlora.fused_lora import apply_fused_lora
 
 
 def attach_lora(model: PreTrainedModel, cfg) -> PeftModel:
@@ -41,7 +42,10 @@ def attach_lora(model: PreTrainedModel, cfg) -> PeftModel:
             )
     check_targets(targets, [name for name, _ in model.named_modules()])
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if getattr(cfg, "fused_lora", False):  # patches forwards only: keys and saving stay PEFT's
+        apply_fused_lora(peft_model)
+    return peft_model
 
 
 def check_targets(targets: list[str], module_names: list[str]) -> None:

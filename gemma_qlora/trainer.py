@@ -79,6 +79,11 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
     train_text, eval_text = (trainable(data[s], tokenizer, max_length=cfg.max_seq_length) for s in ("train", "test"))
     compiled = cfg.compiles(precision.device)
     if compiled:
+        # compiled parts run PEFT's LoRA path: traced through the fused autograd function they were
+        # slower (docs/speed.md), and inductor fuses PEFT's small ops itself
+        from gemma_qlora.fused_lora import remove_fused_lora
+
+        remove_fused_lora(model)
         compile_layer_parts(model)
     trainer = SFTTrainer(
         model=model,
@@ -96,6 +101,14 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
             tokenizer, max_length=cfg.max_seq_length, fixed_shape=compiled, batch_size=cfg.batch_size,
             attn_implementation=model.config._attn_implementation,
         )
+    # speed hook (gemma_qlora.gc_scope): full garbage collections in training skip the setup heap
+    from gemma_qlora.gc_scope import frozen_heap
+
+    trainer.train = frozen_heap(trainer.train)
+    if cfg.varlen_attention and precision.device == "cuda":  # speed hook (gemma_qlora.varlen_attention)
+        from gemma_qlora.varlen_attention import use_varlen_attention
+
+        use_varlen_attention(trainer.model)
     if precision.compute_dtype != torch.bfloat16:
         # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice). fp16 mixed
         # precision (a T4) cannot unscale bf16 gradients and crashes at the first step, and an fp32

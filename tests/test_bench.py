@@ -31,6 +31,11 @@ def test_every_arm_runs_in_its_own_process_and_reports(bench_run):
     for arm in ran:
         assert arm["status"] == "ok", arm.get("error")
         assert arm["tokens_per_second"] > 0 and arm["timed_steps"] == 2
+        # both figures, from the same steps: the median step's pace and the window's
+        assert arm["tokens_per_second_median"] > 0 and arm["step_seconds_p90"] >= arm["step_seconds_median"] > 0
+        assert len(arm["step_seconds"]) == 2 and arm["steps_per_epoch"] >= 1
+        assert [row["step"] for row in sorted(arm["slowest_steps"], key=lambda r: r["step"])] == [2, 3]
+        assert all(row["tokens"] > 0 and row["epoch"] > 0 and "gc_seconds" in row for row in arm["slowest_steps"])
         assert arm["import_seconds"] > 0 and arm["load_seconds"] > 0
         assert arm["epoch_seconds"] > 0 and arm["epoch_tokens"] > 0
         assert arm["final_loss"] is not None and len(arm["losses"]) == 1 + 2
@@ -74,6 +79,7 @@ def test_table_and_plots(bench_run):
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| arm ")]
     assert [row.split("|")[1].strip() for row in rows] == ARMS
     assert "wrapped: examples attend to each other" in table and "BFD, kept apart, rows" in table
+    assert "tokens/s (median step)" in table and "Slowest timed steps" in table and "- pkg-4bit-rows (median " in table
     assert "**skipped**" in table and "- unsloth-4bit: skipped:" in table
     assert "random weights" in table and "n/a" in table
     assert table in done.stdout  # the table is also printed
