@@ -220,6 +220,12 @@ class BatchSettings(Settings):
         help="Keep the activations saved for the backward (with gradient checkpointing: each layer's input) in CPU "
              "memory, copied on a side stream (TRL's activation offloading): less GPU memory for a few percent of speed. GPU only.",
     )
+    fused_lora: bool = setting(
+        True,
+        help="Run each group of LoRA projections (q/k/v, o, gate/up, down) as one fused autograd function over the "
+             "dequantized weight (4-, 8- and 16-bit; LoRA dropout 0 and uncompiled runs only, PEFT's path otherwise); "
+             "adapters and saving are PEFT's either way.",
+    )
     # LoRA's optimizer state is megabytes, so 8-bit states save nothing that matters; the fused
     # torch AdamW also runs under FSDP2, where bitsandbytes' 8-bit optimizers fail on sharded
     # (DTensor) parameters.
@@ -249,12 +255,6 @@ class LeverSettings(Settings):
         help="torch.compile the norms, attention and MLP of each decoder layer: faster steps after tens of seconds of "
              f"compiling. Unset: on for 4-bit runs on one GPU of {COMPILE_FROM_STEPS} steps or more, where it pays back "
              "(README, Decisions); true or false to choose.",
-    )
-    fused_lora: bool = setting(
-        True,
-        help="Run each group of LoRA projections (q/k/v, o, gate/up, down) as one fused autograd function over the "
-             "dequantized weight (4-, 8- and 16-bit; LoRA dropout 0 and uncompiled runs only, PEFT's path otherwise); "
-             "adapters and saving are PEFT's either way.",
     )
     varlen_attention: bool = setting(
         False,

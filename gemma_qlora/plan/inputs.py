@@ -37,6 +37,7 @@ class PlanInputs:
     quant_type: str = "nf4"
     double_quant: bool = True
     optim: str = "adamw_torch_fused"
+    fused_lora: bool = True  # gemma_qlora.fused_lora: its own autograd, not LLM.int8's (which keeps each projection's input)
     dtype: str = "bfloat16"  # compute dtype: bfloat16 (Ampere and newer), float16 (T4), float32 (CPU)
     attn_implementation: str | None = None  # default as the package: eager for Gemma 2, sdpa otherwise
     device: str = "cuda"  # "cpu" only to check the arithmetic against CPU runs

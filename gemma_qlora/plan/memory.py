@@ -116,8 +116,8 @@ def int8_kept_bytes(inputs: PlanInputs) -> int:
     """LLM.int8 keeps each projection's input on its autograd context (ctx.tensors), outside the
     saved tensors that gradient checkpointing frees: per layer the normed input of attention
     (shared by q, k, v) and of the MLP (gate, up), the attention output, the MLP product."""
-    if not inputs.method.keeps_layer_inputs:
-        return 0
+    if not inputs.method.keeps_layer_inputs or (inputs.fused_lora and inputs.lora_dropout == 0):
+        return 0  # the fused LoRA path (dropout 0) runs its own autograd over the dequantized weight
     s = inputs.shape
     q = s.num_heads * s.head_dim
     return s.num_layers * inputs.tokens * inputs.act_bytes * (2 * s.hidden_size + q + s.intermediate_size)
