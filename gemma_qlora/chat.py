@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import TextStreamer, set_seed
 
+from gemma_qlora import formats
+from gemma_qlora.config import TrainConfig
 from gemma_qlora.errors import UserError
+from gemma_qlora.model import hf_token, load_config, load_model, resolve_model
+from gemma_qlora.quant import detect_precision
+from gemma_qlora.trained import check_base, load_adapter_model, load_exported, read_run
 
 
 @dataclass
@@ -93,12 +99,6 @@ def check_length(cfg: GenerateConfig, config) -> None:
 
 def load(cfg: GenerateConfig, precision=None):
     """(model, tokenizer, trained on plain text?) for `--run` or `--model`."""
-    from gemma_qlora import formats
-    from gemma_qlora.config import TrainConfig
-    from gemma_qlora.export import check_base, load_adapter_model, load_exported, read_run
-    from gemma_qlora.model import hf_token, load_config, load_model, resolve_model
-    from gemma_qlora.quant import detect_precision
-
     if cfg.run:
         train_cfg, metrics = read_run(cfg.run)
         check_base(train_cfg, metrics)  # the adapter means nothing on a base that changed since training
@@ -143,8 +143,6 @@ def stream(model, tokenizer, prompts: list[str], *, chat: bool = False, max_new_
 
     The notebooks call this with the model they trained; the command line with a loaded one.
     """
-    from transformers import TextStreamer
-
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
@@ -168,8 +166,6 @@ def stream(model, tokenizer, prompts: list[str], *, chat: bool = False, max_new_
 
 def generate_command(cfg: GenerateConfig) -> list[str]:
     """`python -m gemma_qlora generate`: load, say whether the chat template is used, stream."""
-    from transformers import set_seed
-
     prompts = read_prompts(cfg)
     model, tokenizer, plain_text = load(cfg)
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -180,9 +176,7 @@ def generate_command(cfg: GenerateConfig) -> list[str]:
         why = "--chat" if cfg.chat is not None else ("the run trained on plain text" if plain_text else "the tokenizer has one")
         print(f"(chat template {'on' if chat else 'off'}: {why})", file=sys.stderr)
     if chat:  # a turn ends at <end_of_turn>, which a GGUF's generation settings do not carry to transformers
-        from gemma_qlora.formats import stop_at_end_of_turn
-
-        stop_at_end_of_turn(model, tokenizer)
+        formats.stop_at_end_of_turn(model, tokenizer)
     set_seed(cfg.seed)
     return stream(model, tokenizer, prompts, chat=chat, max_new_tokens=cfg.max_new_tokens,
                   sample=cfg.sample, temperature=cfg.temperature, top_p=cfg.top_p)

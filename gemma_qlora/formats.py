@@ -24,7 +24,7 @@ markers into the assistant mask). Gemma's own template has no markers, so
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict

@@ -362,7 +362,7 @@ def broken_q8_0(monkeypatch):
     fail, whatever way its loss moves; F16 files are written as they should be."""
     import gguf
 
-    from gemma_qlora import export as module
+    from gemma_qlora.export import gguf as module
 
     write = module.add_hparams
 
