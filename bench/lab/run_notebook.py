@@ -1,8 +1,8 @@
-"""Run a notebook's code cells top to bottom in plain Python, for machines without Jupyter
-(the lent GPU machine has none). Values after the path override the cell tagged
+"""Run a notebook's code cells top to bottom in plain Python, for machines without Jupyter.
+Values after the path override the cell tagged
 "parameters", papermill-style; figures are saved as PNGs into --figures.
 
-    python bench/lab/run_notebook.py notebooks/X.ipynb --figures out/ MODEL='"embedded"' STEPS=60
+    python bench/lab/run_notebook.py notebooks/X.ipynb --figures out/ CHANGES='{"model": "embedded", "steps": 60}'
 """
 
 from __future__ import annotations
