@@ -291,7 +291,7 @@ def build_pkg(arm: str, s, records: list[dict], recorder, timer):
     never runs inside the timed steps."""
     from datasets import Dataset, DatasetDict
 
-    from gemma_qlora.config import TrainConfig
+    from gemma_qlora.config import TrainConfig, from_file
     from gemma_qlora.lora import attach_lora
     from gemma_qlora.model import load_model
     from gemma_qlora.quant import detect_precision
@@ -306,7 +306,8 @@ def build_pkg(arm: str, s, records: list[dict], recorder, timer):
         import torch._functorch.config
 
         torch._functorch.config.activation_memory_budget = budget
-    cfg = TrainConfig(
+    cfg = from_file(  # what every arm shares (batch, sequence, LoRA): the bench-8x512 preset
+        TrainConfig, "bench-8x512",
         model=s.model_dir, bits=ARMS[arm].bits, steps=max_steps, logging_steps=1, eval_steps=max_steps + 1, seed=s.seed,
         force_fp16=s.fp16, gpu_memory_gib=s.gpu_memory_gib, output_dir=str(Path(s.out) / "arms"), run_name=arm,
         **settings,
