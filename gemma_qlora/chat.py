@@ -22,7 +22,7 @@ from gemma_qlora import formats
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.errors import UserError
 from gemma_qlora.model import hf_token, load_config, load_model, resolve_model
-from gemma_qlora.quant import detect_precision
+from gemma_qlora.quant import detect_precision, method_of
 from gemma_qlora.trained import check_base, load_adapter_model, load_exported, read_run
 
 
@@ -105,7 +105,7 @@ def load(cfg: GenerateConfig, precision=None):
         check_length(cfg, load_config(resolve_model(train_cfg.model), hf_token()))
         precision = precision or detect_precision(force_fp16=train_cfg.force_fp16)
         model, tokenizer = load_adapter_model(train_cfg, Path(cfg.run).expanduser(), precision)
-        if train_cfg.bits == 8:
+        if method_of(train_cfg).rounds_activations:
             print("(8-bit run: this is the adapter on the int8 base, where LLM.int8 also rounds activations; an export "
                   "is the adapter merged into the dequantized weights and continues some prompts differently: "
                   "export.json's agreement_int8 says how many)", file=sys.stderr)

@@ -5,6 +5,7 @@ model as a user loads it. `generate` and `export` share these.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
@@ -17,10 +18,8 @@ from gemma_qlora.config import TrainConfig
 from gemma_qlora.errors import UserError
 from gemma_qlora.formats import use_chat_template
 from gemma_qlora.lora import load_adapter
-from gemma_qlora.model import default_attention
-from gemma_qlora.model import load_model
-import dataclasses
-from gemma_qlora.model import base_fingerprint
+from gemma_qlora.model import base_fingerprint, default_attention, load_model
+from gemma_qlora.quant import method_of
 
 
 def read_run(run: str | Path):
@@ -67,7 +66,7 @@ def load_adapter_model(train_cfg, run_dir: Path, precision, *, dequantized: bool
     """
     model, tokenizer = load_model(train_cfg, precision)
     use_chat_template(tokenizer, train_cfg)  # the template the run trained with
-    if dequantized and train_cfg.bits != 16:
+    if dequantized and method_of(train_cfg).quantized:
         model = model.dequantize(dtype=precision.compute_dtype)
     return load_adapter(model, str(run_dir / "adapter")).eval(), tokenizer
 

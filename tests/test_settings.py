@@ -56,6 +56,18 @@ def test_a_field_added_to_a_group_reaches_every_command_and_the_resume_check(tmp
     class Audit(AuditConfig, NewData):
         pass
 
+    from gemma_qlora.config import BatchSettings
+    from gemma_qlora.plan import PlanConfig
+
+    @dataclasses.dataclass
+    class NewBatch(BatchSettings):
+        prefetch: int = setting(2, resume=True, help="A new memory setting.")
+
+    @dataclasses.dataclass
+    class Plan(PlanConfig, NewBatch):
+        pass
+
+    assert parse(Plan, ["--prefetch", "5"], "plan").prefetch == 5  # the plan composes the group it joined
     assert parse(Train, ["--shuffle_buffer", "3"]).shuffle_buffer == 3
     assert parse(Audit, ["--shuffle_buffer", "4"]).shuffle_buffer == 4
     with pytest.raises(UserError, match="--shuffle_buffer must be a whole number"):

@@ -62,7 +62,7 @@ from gemma_qlora.export.verify import (
 )
 from gemma_qlora.formats import encoded_examples, format_of
 from gemma_qlora.model import base_fingerprint, looks_like_path, resolve_model
-from gemma_qlora.quant import detect_precision
+from gemma_qlora.quant import detect_precision, method_of
 from gemma_qlora.rundir import EXPORT_MARKER, check_replaceable, remove_written, write_json
 from gemma_qlora.trained import check_base, load_adapter_model, load_exported, read_run, release_memory
 
@@ -154,7 +154,8 @@ def export(cfg: ExportConfig) -> dict:
         raise UserError(f"GGUF export supports Gemma 2 and Gemma 3 (transformers reads no other Gemma GGUF back to verify it), "
                         f"not {model_type!r}: export --into merged.")
     base_check = check_base(train_cfg, metrics)
-    base = "original" if train_cfg.bits == 16 else cfg.base
+    method = method_of(train_cfg)
+    base = cfg.base if method.quantized else "original"
     precision = detect_precision(force_fp16=train_cfg.force_fp16)
     data, _, run_tokenizer = encoded_examples(train_cfg)
     chat = format_of(data["test"]) == "messages"
@@ -163,7 +164,7 @@ def export(cfg: ExportConfig) -> dict:
     reference = adapter_reference(train_cfg, run_dir, precision, data=data, prompts=prompts)
     reference["recorded_eval_loss"] = metrics.get("eval_loss")
     dense = None
-    if train_cfg.bits == 8:
+    if method.rounds_activations:
         # LLM.int8 also rounds every activation to 8 bits at inference, which no checkpoint can
         # carry: an 8-bit run's exports are held to the trained weights, computed plainly, and
         # compared with the int8 adapter model (what `generate --run` shows) as well

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 # `gguf` is imported where it is used: it comes with the package's `offline` extra, and the other
 # exports (and the rest of the package) run without it.
-
 import json
 import logging
 import re

@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from gemma_qlora.export.gguf import write_gguf
 from gemma_qlora.export.settings import BF16_MIN_SURVIVING, ExportConfig
-from gemma_qlora.formats import stop_at_end_of_turn
-from gemma_qlora.formats import use_chat_template
+from gemma_qlora.formats import stop_at_end_of_turn, use_chat_template
 from gemma_qlora.lora import load_adapter
 from gemma_qlora.model import load_model
-from peft.tuners.lora import LoraLayer
+from gemma_qlora.quant import method_of
 
 
 def merged_model(train_cfg, run_dir: Path, precision, *, base: str):
@@ -41,7 +41,7 @@ def merged_model(train_cfg, run_dir: Path, precision, *, base: str):
     merge on a bnb layer) would re-quantize the sum and lose it too, so neither path does that.
     """
     fp32 = dataclasses.replace(precision, compute_dtype=torch.float32)
-    if train_cfg.bits == 16 or base == "original":
+    if not method_of(train_cfg).quantized or base == "original":
         model, tokenizer = load_model(dataclasses.replace(train_cfg, bits=16), fp32)
     else:
         model, tokenizer = load_model(train_cfg, fp32)

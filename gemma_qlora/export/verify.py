@@ -7,19 +7,19 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
+from transformers import PrinterCallback, ProgressCallback
 
 from gemma_qlora.data import PROMPTS, quote_prompt
 from gemma_qlora.evaluate import generate
 from gemma_qlora.export.merge import file_sizes
-from gemma_qlora.export.settings import EXPORT_RECORD, REFERENCE_NAMES, ExportConfig
-from gemma_qlora.formats import format_of, generation_prompts
-from gemma_qlora.formats import stop_at_end_of_turn
+from gemma_qlora.export.settings import EXPORT_RECORD, ExportConfig, REFERENCE_NAMES
+from gemma_qlora.formats import format_of, generation_prompts, stop_at_end_of_turn
+from gemma_qlora.quant import method_of
 from gemma_qlora.trained import load_adapter_model, load_exported, release_memory
 from gemma_qlora.trainer import make_trainer
-from importlib.metadata import version
-from transformers import PrinterCallback, ProgressCallback
 
 
 CONFIG_KEYS = (
@@ -166,7 +166,7 @@ def verify(kind: str, path: Path, *, reference: dict, context: dict) -> dict:
     if context.get("int8"):  # what `generate --run` shows an 8-bit run
         entry["agreement_int8"] = agreement(entry["continuations"], context["int8"]["continuations"])
     # merged into the original weights, a quantized run's adapter meets weights it never saw
-    original = context["base"] == "original" and train_cfg.bits != 16
+    original = context["base"] == "original" and method_of(train_cfg).quantized
     judge(entry, reference["eval_loss"], limit=loss_limit(cfg, kind, original=original))
     entry["passed"] = entry["passed"] and not entry.get("config_mismatches")
     return entry
