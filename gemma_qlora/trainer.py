@@ -11,9 +11,12 @@ from trl import SFTConfig, SFTTrainer
 
 from gemma_qlora.config import TrainConfig
 from gemma_qlora.formats import trainable
+from gemma_qlora.fused_lora import remove_fused_lora
+from gemma_qlora.gc_scope import frozen_heap
 from gemma_qlora.errors import UserError
 from gemma_qlora.packing import make_collator
 from gemma_qlora.quant import Precision
+from gemma_qlora.varlen_attention import use_varlen_attention
 
 
 def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> SFTConfig:
@@ -81,8 +84,6 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
     if compiled:
         # compiled parts run PEFT's LoRA path: traced through the fused autograd function they were
         # slower (docs/speed.md), and inductor fuses PEFT's small ops itself
-        from gemma_qlora.fused_lora import remove_fused_lora
-
         remove_fused_lora(model)
         compile_layer_parts(model)
     trainer = SFTTrainer(
@@ -102,12 +103,8 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
             attn_implementation=model.config._attn_implementation,
         )
     # speed hook (gemma_qlora.gc_scope): full garbage collections in training skip the setup heap
-    from gemma_qlora.gc_scope import frozen_heap
-
     trainer.train = frozen_heap(trainer.train)
     if cfg.varlen_attention and precision.device == "cuda":  # speed hook (gemma_qlora.varlen_attention)
-        from gemma_qlora.varlen_attention import use_varlen_attention
-
         use_varlen_attention(trainer.model)
     if precision.compute_dtype != torch.bfloat16:
         # TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's choice). fp16 mixed
