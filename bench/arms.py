@@ -87,10 +87,15 @@ ARMS = {
                                       fused_lora=False),
     "pkg-4bit-compiled-varlen": _pkg(4, "gemma_qlora long-run defaults (compiled) + varlen attention", torch_compile=True,
                                      varlen_attention=True),
-    # Liger's kernels one at a time, on the instance (bench only: TrainConfig.liger_kernel is TRL's one switch)
-    "pkg-4bit-liger-rmsnorm": _pkg(4, "gemma_qlora defaults + Liger's RMSNorm", liger={"rms_norm": True}),
-    "pkg-4bit-liger-rope": _pkg(4, "gemma_qlora defaults + Liger's RoPE", liger={"rope": True}),
-    "pkg-4bit-liger-geglu": _pkg(4, "gemma_qlora defaults + Liger's GeGLU", liger={"geglu": True}),
+    # Liger's layer kernels: on by default on GPUs of compute capability 8.0+ (TrainConfig.liger_kernel);
+    # off, and one at a time on the instance (bench only: the package applies all three or none)
+    "pkg-4bit-no-liger": _pkg(4, "gemma_qlora defaults without Liger's kernels", liger_kernel=False),
+    "pkg-8bit-no-liger": _pkg(8, "gemma_qlora defaults without Liger's kernels", liger_kernel=False),
+    "pkg-4bit-liger-rmsnorm": _pkg(4, "gemma_qlora defaults, of Liger's kernels only RMSNorm", liger={"rms_norm": True}),
+    "pkg-4bit-liger-rope": _pkg(4, "gemma_qlora defaults, of Liger's kernels only RoPE", liger={"rope": True}),
+    "pkg-4bit-liger-geglu": _pkg(4, "gemma_qlora defaults, of Liger's kernels only GeGLU", liger={"geglu": True}),
+    "pkg-4bit-reentrant": _pkg(4, "gemma_qlora defaults, reentrant gradient checkpointing", reentrant=True),
+    "pkg-8bit-reentrant": _pkg(8, "gemma_qlora defaults, reentrant gradient checkpointing", reentrant=True),
     "pkg-8bit-unfused": _pkg(8, "gemma_qlora defaults, PEFT's LoRA path (LLM.int8 matmul)", fused_lora=False),
     "pkg-8bit-varlen": _pkg(8, "gemma_qlora defaults + varlen flash attention", varlen_attention=True),
     # levers: the package with one or two TrainConfig fields changed
@@ -301,6 +306,9 @@ def build_pkg(arm: str, s, records: list[dict], recorder, timer):
     settings = dict(ARMS[arm].settings)
     budget = settings.pop("activation_memory_budget", None)
     liger = settings.pop("liger", None)
+    reentrant = settings.pop("reentrant", False)
+    if liger:
+        settings["liger_kernel"] = False  # the package's three off; the arm's one applied below
     if budget is not None:
         # AOTAutograd's partitioner: below 1, compiled graphs save less for the backward and recompute more
         import torch._functorch.config
@@ -325,8 +333,11 @@ def build_pkg(arm: str, s, records: list[dict], recorder, timer):
     model = attach_lora(model, cfg)
     # all quotes train, as in the other arms; the held-out split make_trainer wants is never evaluated
     quotes = DatasetDict(train=Dataset.from_list(records), test=Dataset.from_list(records[: cfg.batch_size]))
-    return make_trainer(cfg, model, tokenizer, quotes, precision=precision, output_dir=Path(s.out) / "arms" / arm,
-                        callbacks=[timer])
+    trainer = make_trainer(cfg, model, tokenizer, quotes, precision=precision, output_dir=Path(s.out) / "arms" / arm,
+                           callbacks=[timer])
+    if reentrant:  # torch's reentrant checkpoint (one autograd function a layer, no saved-tensor hooks)
+        trainer.args.activation_checkpointing_kwargs = {"use_reentrant": True}
+    return trainer
 
 
 BUILDERS = {"plain": build_plain, "trl": build_trl, "unsloth": build_unsloth, "pkg": build_pkg}

@@ -247,8 +247,11 @@ class LeverSettings(Settings):
     lean_prepare: bool = setting(
         True, help="Skip PEFT's fp32 copy of frozen weights (1 GB less for Gemma 2B); false: prepare_model_for_kbit_training."
     )
-    liger_kernel: bool = setting(
-        False, help="Liger's fused Triton kernels for RMSNorm, GeGLU and RoPE (through TRL); needs liger-kernel and a GPU."
+    liger_kernel: bool | None = setting(
+        None,
+        help="Liger's Triton kernels for RMSNorm, RoPE and GeGLU (the loss stays TRL's). Unset: on where measured faster "
+             "(a CUDA GPU of compute capability 8.0 or newer, e.g. A100, L4, H100; uncompiled runs) when liger-kernel is "
+             "installed (pip install liger-kernel); true or false to choose.",
     )
     torch_compile: bool | None = setting(
         None,
@@ -375,6 +378,19 @@ class TrainConfig(RunFolderSettings, HardwareSettings, TrainingSettings, LeverSe
         from gemma_qlora.quant import method_of
 
         return device == "cuda" and processes == 1 and method_of(self).compiles_by_default and self.steps >= COMPILE_FROM_STEPS
+
+    def uses_liger(self, device: str) -> bool:
+        """Whether training runs Liger's layer kernels: as `liger_kernel` says, else where they were
+        measured faster (docs/speed.md): uncompiled runs on a CUDA GPU of compute capability 8.0 or
+        newer with liger-kernel installed (a T4, 7.5, is not measured; inductor fuses those ops itself
+        in compiled runs)."""
+        if self.liger_kernel is not None:
+            return self.liger_kernel
+        if device != "cuda" or self.compiles(device) or find_spec("liger_kernel") is None:
+            return False
+        import torch
+
+        return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def preset_names() -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers.integrations.liger import apply_liger_kernel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from trl import SFTConfig, SFTTrainer
 
@@ -17,6 +18,11 @@ from gemma_qlora.errors import UserError
 from gemma_qlora.packing import make_collator
 from gemma_qlora.quant import Precision
 from gemma_qlora.varlen_attention import use_varlen_attention
+
+# Liger's kernels that make a step faster without touching the loss (measured in docs/speed.md);
+# its cross-entropy kernels would replace TRL's chunked loss and its metrics
+LIGER_LAYER_KERNELS = {"rms_norm": True, "rope": True, "geglu": True, "cross_entropy": False,
+                       "fused_linear_cross_entropy": False}
 
 
 def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> SFTConfig:
@@ -48,7 +54,6 @@ def sft_config(cfg: TrainConfig, *, precision: Precision, output_dir: Path) -> S
         save_steps=cfg.save_steps or 500,
         save_total_limit=2,
         auto_find_batch_size=cfg.auto_batch_size,
-        use_liger_kernel=cfg.liger_kernel,
         activation_offloading=cfg.offload_activations and precision.device == "cuda",  # nothing to save on a CPU
         # Compiled code wants one shape: pad every flattened batch to its full size, or each new
         # length recompiles with dynamic shapes (the rows layout pads in its collator).
@@ -86,6 +91,12 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, data, *, precision: Precisi
         # slower (docs/speed.md), and inductor fuses PEFT's small ops itself
         remove_fused_lora(model)
         compile_layer_parts(model)
+    if cfg.uses_liger(precision.device):
+        if precision.device != "cuda":
+            raise UserError("--liger_kernel true needs a CUDA GPU (Liger's kernels are Triton): leave it unset on this machine.")
+        # speed hook: Liger's RMSNorm, RoPE and GeGLU on the model's layers, through transformers'
+        # own integration (TRL's switch for it is deprecated); the loss stays TRL's chunked one
+        apply_liger_kernel(model, LIGER_LAYER_KERNELS)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(cfg, precision=precision, output_dir=output_dir),

@@ -264,6 +264,41 @@ def test_unset_torch_compile_compiles_only_where_it_pays_back():
         TrainConfig(torch_compile="yes")  # a notebook's typo is caught, not read as true
 
 
+def test_unset_liger_kernel_runs_liger_only_where_it_was_measured_faster(monkeypatch):
+    """Left unset, Liger's kernels run on CUDA GPUs of compute capability 8.0+ with liger-kernel
+    installed and nothing compiled; a T4 (7.5), a CPU and compiled runs stay on torch's ops; set, it is obeyed."""
+    import importlib.util
+
+    import gemma_qlora.config as config
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability[0])
+    monkeypatch.setattr(config, "find_spec", lambda name: object() if name == "liger_kernel" else importlib.util.find_spec(name))
+    short = TrainConfig(steps=60)
+    assert short.liger_kernel is None
+    assert short.uses_liger("cuda") and not short.uses_liger("cpu")
+    assert not replace(short, torch_compile=True).uses_liger("cuda")
+    assert not replace(short, liger_kernel=False).uses_liger("cuda")
+    capability[0] = (7, 5)
+    assert not short.uses_liger("cuda") and replace(short, liger_kernel=True).uses_liger("cuda")
+    capability[0] = (8, 0)
+    assert short.uses_liger("cuda")
+    monkeypatch.setattr(config, "find_spec", lambda name: None)
+    assert not short.uses_liger("cuda")
+
+
+def test_liger_kernel_true_on_cpu_is_one_line(fast_cfg, monkeypatch):
+    """Liger's kernels are Triton (GPU only): asked for on a CPU, make_trainer says so before building anything."""
+    import gemma_qlora.config as config
+    from gemma_qlora.train import Run
+
+    monkeypatch.setattr(config, "find_spec", lambda name: object())
+    run = Run(fast_cfg(liger_kernel=True))
+    run.load()
+    with pytest.raises(UserError, match="--liger_kernel true needs a CUDA GPU"):
+        run.prepare()
+
+
 def test_fsdp_on_two_cpu_processes_saves_a_whole_adapter(tiny_model, quotes_file, tmp_path):
     """The FSDP branch of `train` with the shipped config (FSDP2), on two CPU processes
     (`tests/fsdp_on_cpu.py` turns accelerate's FSDP on there): no evaluation before training,

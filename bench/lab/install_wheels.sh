@@ -10,7 +10,7 @@ set -euo pipefail
 pip=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --disable-pip-version-check)
 "${pip[@]}" --target /tmp/site .whl/common/*.whl .whl/site/*.whl
 "${pip[@]}" --target /tmp/site-unsloth .whl/common/*.whl .whl/unsloth/*.whl
-# Unsloth's sources are large: byte-compile them now, in the background, rather than inside the
-# first Unsloth arm's import time.
-(python3 -m compileall -q -j 4 /tmp/site-unsloth/unsloth /tmp/site-unsloth/unsloth_zoo >/dev/null 2>&1 &)
+# Unsloth's sources are large: byte-compile them now, on all cores, rather than inside the first
+# Unsloth arm's import time; not in the background, where it slowed the first arms' host-bound steps.
+python3 -m compileall -q -j 0 /tmp/site-unsloth/unsloth /tmp/site-unsloth/unsloth_zoo >/dev/null 2>&1 || true
 PYTHONPATH=/tmp/site python3 -c "import torch, transformers, trl, bitsandbytes, datasets; print('site:', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'bitsandbytes', bitsandbytes.__version__, 'datasets', datasets.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
