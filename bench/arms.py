@@ -94,6 +94,10 @@ ARMS = {
     "pkg-4bit-liger-rmsnorm": _pkg(4, "gemma_qlora defaults, of Liger's kernels only RMSNorm", liger={"rms_norm": True}),
     "pkg-4bit-liger-rope": _pkg(4, "gemma_qlora defaults, of Liger's kernels only RoPE", liger={"rope": True}),
     "pkg-4bit-liger-geglu": _pkg(4, "gemma_qlora defaults, of Liger's kernels only GeGLU", liger={"geglu": True}),
+    # TRL's activation offloading empties the CUDA cache at every step once bitsandbytes is imported
+    # (trl/models/activation_offloading.py, OffloadActivations.__enter__): the same step keeping its cache
+    "pkg-4bit-keep-cache": _pkg(4, "gemma_qlora defaults, TRL's offloading without its per-step empty_cache", keep_cache=True),
+    "pkg-8bit-keep-cache": _pkg(8, "gemma_qlora defaults, TRL's offloading without its per-step empty_cache", keep_cache=True),
     "pkg-4bit-reentrant": _pkg(4, "gemma_qlora defaults, reentrant gradient checkpointing", reentrant=True),
     "pkg-8bit-reentrant": _pkg(8, "gemma_qlora defaults, reentrant gradient checkpointing", reentrant=True),
     "pkg-8bit-unfused": _pkg(8, "gemma_qlora defaults, PEFT's LoRA path (LLM.int8 matmul)", fused_lora=False),
@@ -294,6 +298,7 @@ def build_pkg(arm: str, s, records: list[dict], recorder, timer):
     """The package's own path, called as its training recipe calls it, at the TrainConfig
     defaults but for the arm's settings. Evaluation is pushed past the last step so that it
     never runs inside the timed steps."""
+    import torch
     from datasets import Dataset, DatasetDict
 
     from gemma_qlora.config import TrainConfig, from_file
@@ -307,6 +312,19 @@ def build_pkg(arm: str, s, records: list[dict], recorder, timer):
     budget = settings.pop("activation_memory_budget", None)
     liger = settings.pop("liger", None)
     reentrant = settings.pop("reentrant", False)
+    if settings.pop("keep_cache", False):
+        import trl.models.activation_offloading as offloading
+
+        enter = offloading.OffloadActivations.__enter__
+
+        def enter_keeping_cache(self):
+            empty_cache, torch.cuda.empty_cache = torch.cuda.empty_cache, lambda: None
+            try:
+                return enter(self)
+            finally:
+                torch.cuda.empty_cache = empty_cache
+
+        offloading.OffloadActivations.__enter__ = enter_keeping_cache
     if liger:
         settings["liger_kernel"] = False  # the package's three off; the arm's one applied below
     if budget is not None:
