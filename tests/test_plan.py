@@ -234,7 +234,8 @@ MEASURED = [
      7.582, 9.346),  # h200-t4-1 (fp16, 15 GiB cap)
 ]
 # The defaults when most of these runs were measured.
-MEASURED_DEFAULTS = {"packing_layout": "flat", "lora_dropout": 0.05, "offload_activations": False, "fused_lora": False}
+MEASURED_DEFAULTS = {"packing_layout": "flat", "lora_dropout": 0.05, "offload_activations": False, "fused_lora": False,
+                     "liger_kernel": False}
 
 
 @pytest.mark.parametrize("shape,settings,allocated,nvml", MEASURED)
@@ -246,14 +247,25 @@ def test_predictions_of_the_measured_runs_meet_the_target(shape, settings, alloc
 
 
 @pytest.mark.parametrize("bits,allocated,nvml", [(4, 3.134, 4.702), (8, 4.030, 5.640)])  # h100-hot/pkg-4bit, pkg-8bit
-def test_predictions_of_todays_defaults_on_an_h100_meet_the_target(bits, allocated, nvml):
+def test_predictions_of_the_fused_defaults_without_liger_on_an_h100_meet_the_target(bits, allocated, nvml):
     """Rows, LoRA dropout 0, activations offloaded, fused LoRA projections: in 8-bit the fused path
     runs its own autograd, so LLM.int8 no longer keeps each projection's input (7.64 -> 4.03 GiB)."""
-    p = build_plan(PlanInputs(gemma_2b(), bits=bits), gpu=GPUS["h100"])
+    p = build_plan(PlanInputs(gemma_2b(), bits=bits, liger_kernel=False), gpu=GPUS["h100"])
     assert p.peak_allocated_gib == pytest.approx(allocated, rel=0.10)
     assert p.peak_nvml_gib == pytest.approx(nvml, rel=0.15)
-    unfused = build_plan(PlanInputs(gemma_2b(), bits=bits, fused_lora=False), gpu=GPUS["h100"])
+    unfused = build_plan(PlanInputs(gemma_2b(), bits=bits, fused_lora=False, liger_kernel=False), gpu=GPUS["h100"])
     assert (unfused.peak_allocated_gib > 1.5 * allocated) == (bits == 8)
+
+
+@pytest.mark.parametrize("bits,allocated,nvml", [(4, 2.837, 4.374), (8, 3.733, 5.247)])  # h100-defaults/pkg-4bit, pkg-8bit
+def test_predictions_of_todays_defaults_with_liger_on_an_h100_meet_the_target(bits, allocated, nvml):
+    """Liger's GeGLU keeps gate and up (not gelu(gate) too) and writes its gradients into them:
+    0.30 GiB less at the peak on the H100 in both widths; the planner must see it, within 3 %."""
+    p = build_plan(PlanInputs(gemma_2b(), bits=bits, liger_kernel=True), gpu=GPUS["h100"])
+    assert p.peak_allocated_gib == pytest.approx(allocated, rel=0.03)
+    assert p.peak_nvml_gib == pytest.approx(nvml, rel=0.15)
+    without = build_plan(PlanInputs(gemma_2b(), bits=bits, liger_kernel=False), gpu=GPUS["h100"])
+    assert without.peak_allocated_gib - p.peak_allocated_gib == pytest.approx(0.25, abs=0.06)
 
 
 @pytest.mark.parametrize("shape,allocated", [(gemma_2b, 6.611), (gemma_3_270m, 1.037)])

@@ -38,6 +38,9 @@ class PlanInputs:
     double_quant: bool = True
     optim: str = "adamw_torch_fused"
     fused_lora: bool = True  # gemma_qlora.fused_lora: its own autograd, not LLM.int8's (which keeps each projection's input)
+    # Liger's GeGLU keeps gate and up only, and writes its backward into them; unset: as training
+    # decides (TrainConfig.uses_liger), on for bf16 GPUs (compute capability 8.0+) with liger-kernel installed
+    liger_kernel: bool | None = None
     dtype: str = "bfloat16"  # compute dtype: bfloat16 (Ampere and newer), float16 (T4), float32 (CPU)
     attn_implementation: str | None = None  # default as the package: eager for Gemma 2, sdpa otherwise
     device: str = "cuda"  # "cpu" only to check the arithmetic against CPU runs
@@ -80,6 +83,14 @@ class PlanInputs:
         from gemma_qlora.quant import method_of  # torch, imported once the settings have passed their checks
 
         return method_of(self)
+
+    @property
+    def uses_liger(self) -> bool:
+        if self.liger_kernel is not None:
+            return self.liger_kernel
+        from importlib.util import find_spec
+
+        return self.device == "cuda" and self.dtype == "bfloat16" and find_spec("liger_kernel") is not None
 
     # derived sizes
     @property

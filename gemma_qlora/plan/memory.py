@@ -93,7 +93,7 @@ def layer_activation_bytes(inputs: PlanInputs) -> int:
         per_token += a * (h * bool(kept & {"q_proj", "k_proj", "v_proj"}) + q * ("o_proj" in kept)
                           + h * bool(kept & {"gate_proj", "up_proj"}) + i * ("down_proj" in kept))
     per_token += a * inputs.lora_r * len(inputs.lora_targets)
-    per_token += 3 * a * i  # gate, gelu(gate), up
+    per_token += (2 if inputs.uses_liger else 3) * a * i  # gate, gelu(gate), up (Liger's GeGLU: gate, up)
     # repeat_kv expands k and v to every query head: a copy when there are several KV heads; with
     # one, a view, which eager attention's matmul copies anyway once there are several rows
     # (SDPA takes the view)
@@ -138,6 +138,8 @@ def backward_transient_bytes(inputs: PlanInputs) -> int:
     i = s.intermediate_size
     cast = not inputs.method.quantized and inputs.lora_bytes == 4 and a != 4
     per_token = (a + 8) * i if cast else (2 * a - m) * i
+    if inputs.uses_liger and not cast:  # Liger's GeGLU backward writes both gradients into gate and up
+        per_token = (a - m) * i
     per_token += 2 * a * s.hidden_size
     dequant = a * max(x * y for x, y in s.linears().values()) if inputs.method.quantized else 0
     return inputs.tokens * per_token + dequant
