@@ -200,7 +200,8 @@ class LoraSettings(Settings):
 @dataclass
 class BatchSettings(Settings):
     """What decides a step's GPU memory besides the model: the micro-batch, packing, gradient
-    checkpointing, offloading and the optimizer (the memory plan composes this group)."""
+    checkpointing, offloading, fused LoRA, Liger's kernels and the optimizer (the memory plan
+    composes this group)."""
 
     batch_size: int = setting(8, resume=True, help="Micro-batch: packed sequences per step and device.")
     grad_accum: int = setting(1, resume=True, help="Micro-batches per optimizer step.")
@@ -226,6 +227,12 @@ class BatchSettings(Settings):
              "dequantized weight (4-, 8- and 16-bit; LoRA dropout 0 and uncompiled runs only, PEFT's path otherwise); "
              "adapters and saving are PEFT's either way.",
     )
+    liger_kernel: bool | None = setting(
+        None,
+        help="Liger's Triton kernels for RMSNorm, RoPE and GeGLU (the loss stays TRL's). Unset: on where measured faster "
+             "(a CUDA GPU of compute capability 8.0 or newer, e.g. A100, L4, H100; uncompiled runs) when liger-kernel is "
+             "installed (pip install liger-kernel); true or false to choose.",
+    )
     # LoRA's optimizer state is megabytes, so 8-bit states save nothing that matters; the fused
     # torch AdamW also runs under FSDP2, where bitsandbytes' 8-bit optimizers fail on sharded
     # (DTensor) parameters.
@@ -247,12 +254,6 @@ class LeverSettings(Settings):
     lean_prepare: bool = setting(
         True, help="Skip PEFT's fp32 copy of frozen weights (1 GB less for Gemma 2B); false: prepare_model_for_kbit_training."
     )
-    liger_kernel: bool | None = setting(
-        None,
-        help="Liger's Triton kernels for RMSNorm, RoPE and GeGLU (the loss stays TRL's). Unset: on where measured faster "
-             "(a CUDA GPU of compute capability 8.0 or newer, e.g. A100, L4, H100; uncompiled runs) when liger-kernel is "
-             "installed (pip install liger-kernel); true or false to choose.",
-    )
     torch_compile: bool | None = setting(
         None,
         help="torch.compile the norms, attention and MLP of each decoder layer: faster steps after tens of seconds of "
@@ -270,10 +271,6 @@ class LeverSettings(Settings):
              "--grad_accum), and halve it on out-of-memory (accelerate's finder).",
     )
 
-    def _problems(self) -> list[str]:
-        if self.liger_kernel and find_spec("liger_kernel") is None:
-            return ["--liger_kernel needs the liger-kernel package (pip install liger-kernel) and a CUDA GPU"]
-        return []
 
 
 @dataclass
@@ -358,9 +355,13 @@ class TrainConfig(RunFolderSettings, HardwareSettings, TrainingSettings, LeverSe
     def _cross_problems(self) -> list[str]:
         from gemma_qlora.quant import method_of
 
+        problems = []
         if self.merge and method_of(self).quantized:
-            return ["--merge only applies to --bits 16 (merging into quantized weights loses the adapter's precision)"]
-        return []
+            problems.append("--merge only applies to --bits 16 (merging into quantized weights loses the adapter's precision)")
+        # Checked here, not in the group, so that `plan --liger_kernel true` works where Liger is not installed.
+        if self.liger_kernel and find_spec("liger_kernel") is None:
+            problems.append("--liger_kernel needs the liger-kernel package (pip install liger-kernel) and a CUDA GPU")
+        return problems
 
     @property
     def name(self) -> str:
@@ -381,12 +382,12 @@ class TrainConfig(RunFolderSettings, HardwareSettings, TrainingSettings, LeverSe
 
     def uses_liger(self, device: str) -> bool:
         """Whether training runs Liger's layer kernels: as `liger_kernel` says, else where they were
-        measured faster (docs/speed.md): uncompiled runs on a CUDA GPU of compute capability 8.0 or
-        newer with liger-kernel installed (a T4, 7.5, is not measured; inductor fuses those ops itself
-        in compiled runs)."""
+        measured faster (docs/speed.md): uncompiled bf16 runs on a CUDA GPU of compute capability 8.0
+        or newer with liger-kernel installed (a T4, 7.5, and fp16 are not measured; inductor fuses
+        those ops itself in compiled runs)."""
         if self.liger_kernel is not None:
             return self.liger_kernel
-        if device != "cuda" or self.compiles(device) or find_spec("liger_kernel") is None:
+        if device != "cuda" or self.force_fp16 or self.compiles(device) or find_spec("liger_kernel") is None:
             return False
         import torch
 

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from gemma_qlora.errors import UserError
 

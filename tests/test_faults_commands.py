@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_config, save_tiny_model
+from conftest import save_tiny_model
 from gemma_qlora.cli import main
 from test_faults import files_under, flags, one_error_line
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from gemma_qlora.cli import main, parse
+from gemma_qlora.cli import parse
 from gemma_qlora.config import (
     DataSettings,
     ModelSettings,
