@@ -98,6 +98,10 @@ ARMS = {
     # (trl/models/activation_offloading.py, OffloadActivations.__enter__): the same step keeping its cache
     "pkg-4bit-keep-cache": _pkg(4, "gemma_qlora defaults, TRL's offloading without its per-step empty_cache", keep_cache=True),
     "pkg-8bit-keep-cache": _pkg(8, "gemma_qlora defaults, TRL's offloading without its per-step empty_cache", keep_cache=True),
+    # double quantization dequantizes each weight's scales as a launch of its own at every use (756
+    # host-side calls in two profiled steps of Gemma-2B): the same step with fp32 scales (~0.09 GiB more)
+    "pkg-4bit-no-double-quant": _pkg(4, "gemma_qlora defaults, 4-bit scales kept in fp32 (double_quant false)",
+                                     double_quant=False),
     "pkg-4bit-reentrant": _pkg(4, "gemma_qlora defaults, reentrant gradient checkpointing", reentrant=True),
     "pkg-8bit-reentrant": _pkg(8, "gemma_qlora defaults, reentrant gradient checkpointing", reentrant=True),
     "pkg-8bit-unfused": _pkg(8, "gemma_qlora defaults, PEFT's LoRA path (LLM.int8 matmul)", fused_lora=False),
