@@ -230,7 +230,7 @@ class BatchSettings(Settings):
     liger_kernel: bool | None = setting(
         None,
         help="Liger's Triton kernels for RMSNorm, RoPE and GeGLU (the loss stays TRL's). Unset: on where measured faster "
-             "(a CUDA GPU of compute capability 8.0 or newer, e.g. A100, L4, H100; uncompiled runs) when liger-kernel is "
+             "(bf16 on a CUDA GPU of compute capability 8.0 or newer, e.g. A100, L4, H100; uncompiled runs) when liger-kernel is "
              "installed (pip install liger-kernel); true or false to choose.",
     )
     # LoRA's optimizer state is megabytes, so 8-bit states save nothing that matters; the fused
