@@ -4,13 +4,17 @@
 For each run (trained here with `--train true`, or given with `--runs`):
 
     adapter model              the base quantized as trained + the LoRA adapter (the reference)
-    merged into original       the adapter merged into the unquantized checkpoint, saved in bf16
-    merged into dequantized    merged into the 4-/8-bit weights it trained on, dequantized, bf16
+    merged into original       the adapter merged into the unquantized checkpoint
+    merged into dequantized    merged into the 4-/8-bit weights it trained on, dequantized
     GGUF F16, GGUF Q8_0        the dequantized merge written as GGUF, read back by transformers
+
+Merges are saved as `--save_dtype auto` chooses (bf16 where it keeps the update, else fp32); the
+table says which, and the share of the adapted weights whose update survives bf16.
 
 Every figure comes from `python -m gemma_qlora export` itself (its `export.json`): held-out loss
 and its drift from the adapter model, greedy continuations identical to the adapter model's (the
-run's prompts and held-out quotes), file sizes, export and verification time. The GGUF's
+run's prompts and held-out quotes; for 8-bit runs also to the int8 adapter model, which is what
+`generate --run` shows), file sizes, export and verification time. The GGUF's
 tokenizer is also compared, token by token, with the GGUF the embedded model ships as.
 
 Writes <out>/export_table.json and <out>/export_table.md (also printed).
@@ -39,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemma_qlora.errors import UserError  # noqa: E402
 
 EXPORTS = (  # (label, into, base)
-    ("merged into original (bf16)", "merged", "original"),
-    ("merged into dequantized (bf16)", "merged", "dequantized"),
+    ("merged into original", "merged", "original"),
+    ("merged into dequantized", "merged", "dequantized"),
     ("GGUF", "gguf", "dequantized"),
 )
 
@@ -132,34 +136,50 @@ def mib(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**20:,.0f} MiB"
 
 
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
 def markdown(runs: dict[str, list[dict]], where: str, model: str) -> str:
     from gemma_qlora.export import agreement
 
     lines = [
         f"Exports of {model} ({where}); drift = held-out loss vs the reference's (for 8-bit: the adapter on the "
-        "dequantized weights); greedy = continuations identical to the reference's (run's prompts + 8 held-out quotes).",
+        "dequantized weights); greedy = continuations identical to the reference's (run's prompts + 8 held-out quotes); "
+        "= int8 = identical to the int8 adapter model's, which `generate --run` shows (8-bit runs); survives bf16 = "
+        "share of the adapted weights whose update a bf16 save keeps.",
         "",
-        "| run | model | held-out loss | drift | greedy identical | size | time to export (merge + write) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | model | saved as | survives bf16 | held-out loss | drift | greedy identical | = int8 | size "
+        "| time to export (merge + write) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run, entries in runs.items():
         ref, dense = entries[0]["adapter"], entries[0].get("adapter_dequantized")
-        lines.append(f"| {run} | adapter model (quantized base + LoRA) | {ref['eval_loss']:.4f} | – | – | – | – | "
-                     f"{'LLM.int8 rounds activations too' if dense else 'reference'} |")
+        n = len(ref["continuations"])
+        lines.append(f"| {run} | adapter model (quantized base + LoRA) | – | – | {ref['eval_loss']:.4f} | – | – | "
+                     f"{f'{n}/{n}' if dense else '–'} | – | – | {'LLM.int8 rounds activations too' if dense else 'reference'} |")
         if dense:
-            lines.append(f"| {run} | adapter on the dequantized int8 weights, unmerged | {dense['eval_loss']:.4f} | "
-                         f"{-dense['int8_activation_gap'] / (1 + dense['int8_activation_gap']):+.3%} | "
-                         f"{agreement(dense['continuations'], ref['continuations'])['identical']}/{len(ref['continuations'])} | – | – | reference |")
+            lines.append(f"| {run} | adapter on the dequantized int8 weights, unmerged | – | – | {dense['eval_loss']:.4f} | "
+                         f"{-dense['int8_activation_gap'] / (1 + dense['int8_activation_gap']):+.3%} | {n}/{n} | "
+                         f"{agreement(dense['continuations'], ref['continuations'])['identical']}/{n} | – | – | reference |")
         for entry in entries:
+            survival = entry.get("update_survival") or {}
             for e in entry["exports"]:
-                label = entry["label"] if entry["into"] == "merged" else f"GGUF {e['model'].upper()}"
-                agree = e["agreement"]
-                verdict = "passed" if e["passed"] else "refused"
+                merged = entry["into"] == "merged"
+                label = entry["label"] if merged else f"GGUF {e['model'].upper()}"
+                saved = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(entry.get("save_dtype"), entry.get("save_dtype"))
+                agree, int8 = e["agreement"], e.get("agreement_int8")
+                verdict = "passed" if e["passed"] else "withheld"
+                same_as_int8 = f"{int8['identical']}/{int8['prompts']}" if int8 else "–"
+                # GGUF F16 keeps what fp16 keeps; Q8_0 rounds the weights themselves
+                kept = (pct(survival.get("bfloat16")) if merged else
+                        f"{pct(survival.get('float16'))} (fp16)" if e["model"] == "f16" else "–")
                 lines.append(
-                    f"| {run} | {label} | {e['eval_loss']:.4f} | {e['loss_drift']:+.3%} "
-                    f"(limit {'+' if e.get('only_a_rise_fails') else '±'}{e['max_loss_drift']:.1%}) | "
-                    f"{agree['identical']}/{agree['prompts']} | {mib(e['bytes'])} | "
-                    f"{entry['merge_seconds'] + e['write_seconds']:.0f} s | {verdict} |"
+                    f"| {run} | {label} | {saved if merged else e['model'].upper()} | "
+                    f"{kept} | {e['eval_loss']:.4f} | "
+                    f"{e['loss_drift']:+.3%} (limit {'+' if e.get('only_a_rise_fails') else '±'}{e['max_loss_drift']:.1%}) | "
+                    f"{agree['identical']}/{agree['prompts']} | {same_as_int8} | "
+                    f"{mib(e['bytes'])} | {entry['merge_seconds'] + e['write_seconds']:.0f} s | {verdict} |"
                 )
     return "\n".join(lines)
 
