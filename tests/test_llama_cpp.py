@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 
 BINARIES = ("llama-completion", "llama-cli")
@@ -73,14 +74,50 @@ def exported(tmp_path_factory, quotes_file):
     return export(ExportConfig(run=str(run), into="gguf", out=str(root / "gguf"))), cfg.max_new_tokens
 
 
+# llama.cpp's CPU kernels round a F16 model's activations to fp16 too, so where the package's
+# model is all but indifferent between two tokens either may come first (0.0019 nats apart where
+# it happened to this test on an AMD EPYC CPU; machines differ in where it happens)
+NEAR_TIE = 0.02
+
+
+@torch.no_grad()
+def parting_gap(model, tokenizer, prompt: str, ours: str, theirs: str) -> float:
+    """How much likelier the package's model finds its own next token than llama.cpp's, in nats,
+    at the first token where the two continuations part (end of text where one stops first)."""
+    a, b = (tokenizer(prompt + text).input_ids for text in (ours, theirs))
+    n = max(len(a), len(b))
+    a, b = (ids + [tokenizer.eos_token_id] * (n - len(ids)) for ids in (a, b))
+    k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    logprobs = model(torch.tensor([a[:k]])).logits[0, -1].float().log_softmax(-1)
+    return float(logprobs[a[k]] - logprobs[b[k]])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("qtype", "at_least"), [("f16", 1.0), ("q8_0", 0.5)])
-def test_llama_cpp_continues_each_prompt_as_the_package_does(exported, qtype, at_least):
-    """F16: the same text on every prompt; Q8_0: on most (llama.cpp also rounds the activations
-    its Q8_0 matmuls multiply to 8 bits, which transformers' dequantized weights do not)."""
+def test_llama_cpp_continues_each_prompt_of_the_f16_file_as_the_package_does(exported):
+    """F16: the same text on every prompt, or parting only at a near-tie of the package's model."""
+    from gemma_qlora.quant import detect_precision
+    from gemma_qlora.trained import load_exported
+
     result, max_new_tokens = exported
-    entry = next(e for e in result["exports"] if e["model"] == qtype)
-    ours = greedy(Path(entry["path"]), result["prompts"], max_new_tokens=max_new_tokens)
+    entry = next(e for e in result["exports"] if e["model"] == "f16")
+    path = Path(entry["path"])
+    ours = greedy(path, result["prompts"], max_new_tokens=max_new_tokens)
     package = entry["continuations"]  # the same file, read by transformers: what `generate --model` shows
+    parted = [(p, a, b) for p, a, b in zip(result["prompts"], package, ours) if a != b]
+    if parted:
+        model, tokenizer = load_exported(path.parent, detect_precision("cpu"), gguf_file=path.name)
+        gaps = [parting_gap(model, tokenizer, p, a, b) for p, a, b in parted]
+        assert max(gaps) < NEAR_TIE, json.dumps({"gaps": gaps, "parted": parted}, indent=1)
+    assert len(parted) <= len(package) // 4, json.dumps({"llama.cpp": ours, "package": package}, indent=1)
+
+
+@pytest.mark.slow
+def test_llama_cpp_continues_most_prompts_of_the_q8_0_file_as_the_package_does(exported):
+    """Q8_0: most prompts (llama.cpp also rounds the activations its Q8_0 matmuls multiply to 8
+    bits, which transformers' dequantized weights do not)."""
+    result, max_new_tokens = exported
+    entry = next(e for e in result["exports"] if e["model"] == "q8_0")
+    ours = greedy(Path(entry["path"]), result["prompts"], max_new_tokens=max_new_tokens)
+    package = entry["continuations"]
     same = sum(a == b for a, b in zip(ours, package))
-    assert same >= at_least * len(package), json.dumps({"llama.cpp": ours, "package": package}, indent=1)
+    assert same >= 0.5 * len(package), json.dumps({"llama.cpp": ours, "package": package}, indent=1)
