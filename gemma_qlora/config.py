@@ -272,7 +272,6 @@ class LeverSettings(Settings):
     )
 
 
-
 @dataclass
 class TrainingSettings(Settings):
     steps: int = setting(60, resume=True, help="Optimizer steps.")

@@ -135,5 +135,6 @@ def table(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+
 if __name__ == "__main__":
     main()
