@@ -130,3 +130,16 @@ def test_the_plan_takes_trains_groups_and_its_arithmetic_trains_defaults():
         expected = getattr(train, name)
         assert (list(default) if isinstance(default, tuple) else default) == expected, name
     assert set(PlanConfig(lora_r=4).settings()) == set(INPUT_NAMES)
+
+
+def test_plan_takes_liger_kernel_where_liger_is_not_installed_and_train_refuses_it(monkeypatch):
+    """Liger changes a step's memory, so `plan --liger_kernel true` plans it from any machine
+    (a laptop planning a GPU run); training with it asked for where it is missing is one line."""
+    import gemma_qlora.config as config
+    from gemma_qlora.plan import PlanConfig
+
+    monkeypatch.setattr(config, "find_spec", lambda name: None)
+    assert PlanConfig(lora_r=4, liger_kernel=True).settings()["liger_kernel"] is True
+    with pytest.raises(UserError, match="--liger_kernel needs the liger-kernel package"):
+        TrainConfig(liger_kernel=True)
+    assert TrainConfig(liger_kernel=False).liger_kernel is False
