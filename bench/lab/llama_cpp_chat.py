@@ -47,8 +47,9 @@ def llama_cpp(binary: str, path: Path, question: str, *, max_new_tokens: int) ->
 
 def answer_of(stdout: str, question: str) -> str:
     """The answer in llama-completion's conversation-mode output, which echoes the rendered turn
-    with its special tokens hidden ('user\\nQUESTION\\nmodel\\nANSWER')."""
-    return stdout.split(f"{question}\nmodel\n", 1)[-1].strip()
+    with its special tokens hidden ('user\\nQUESTION\\nmodel\\nANSWER'), less the marker it
+    prints where the model ended its turn."""
+    return stdout.split(f"{question}\nmodel\n", 1)[-1].strip().removesuffix("[end of text]").strip()
 
 
 def transformers_answers(folder: str, questions: list[str], *, max_new_tokens: int) -> list[str]:
